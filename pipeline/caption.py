@@ -1,0 +1,25 @@
+"""Caption stage: CoCa captions keyed by (sha256, captioner id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import inference, tables
+from pipeline.models import captioner
+from pipeline.stages import StageResult
+
+
+def caption(data_dir: Path, account: str, cfg: Any) -> StageResult:
+    model = captioner.from_config(cfg.models, cfg.caption)
+
+    def rows(batch: torch.Tensor) -> list[dict[str, Any]]:
+        return [{"caption": text, "error": None} for text in model.caption(batch)]
+
+    return inference.run(
+        data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess, rows,
+        batch_size=cfg.caption.batch_size, num_workers=cfg.embed.num_workers,
+        part_rows=cfg.embed.part_rows, max_pixels=cfg.download.max_image_pixels,
+        failed_row=lambda error: {"caption": None, "error": error})

@@ -1,0 +1,105 @@
+"""Settings: configs/default.toml, then a user TOML file, then CLIPGRAM_<SECTION>_<KEY>
+environment variables, then command-line flags — each layer overriding the last.
+
+default.toml is the schema: it names every key and its type, so an unknown key
+or a value of the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_FILE = CONFIG_DIR / "default.toml"
+ENV_PREFIX = "CLIPGRAM_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Config(SimpleNamespace):
+    """Sections as attributes: `cfg.download.concurrency`."""
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir).expanduser().resolve()
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dict(vars(section)) for name, section in vars(self).items()}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check `value` against the type of the default, converting env strings."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                lowered = value.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("1", "true", "yes")
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
+    for section, values in layer.items():
+        if section not in base:
+            raise ConfigError(f"unknown section [{section}] in {origin}; known: {', '.join(base)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}] in {origin} must be a table")
+        for key, value in values.items():
+            if key not in base[section]:
+                raise ConfigError(
+                    f"unknown key {section}.{key} in {origin}; known: {', '.join(base[section])}"
+                )
+            base[section][key] = _coerce(f"{section}.{key}", value, base[section][key])
+
+
+def _env_layer(base: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> dict[str, dict]:
+    layer: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in base if rest.startswith(s + "_")), None)
+        if section is None:
+            continue  # not a settings variable (e.g. CLIPGRAM_TEST_MODEL_CACHE)
+        layer.setdefault(section, {})[rest[len(section) + 1:]] = value
+    return layer
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the settings: defaults < file at `path` < environment < `overrides`."""
+    with open(DEFAULT_FILE, "rb") as f:
+        merged: dict[str, dict[str, Any]] = tomllib.load(f)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, "rb") as f:
+            try:
+                _merge(merged, tomllib.load(f), str(path))
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    env = os.environ if environ is None else environ
+    _merge(merged, _env_layer(merged, env), "environment")
+    if overrides:
+        _merge(merged, {s: {k: v for k, v in kv.items() if v is not None}
+                        for s, kv in overrides.items()}, "command line")
+    return Config(**{name: SimpleNamespace(**values) for name, values in merged.items()})

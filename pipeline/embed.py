@@ -1,0 +1,24 @@
+"""Embed stage: CLIP image embeddings keyed by (sha256, model id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import inference, tables
+from pipeline.models import clip
+from pipeline.stages import StageResult
+
+
+def embed(data_dir: Path, account: str, cfg: Any) -> StageResult:
+    encoder = clip.from_config(cfg.models)
+
+    def rows(batch: torch.Tensor) -> list[dict[str, Any]]:
+        return [{"embedding": vector.tolist()} for vector in encoder.encode_images(batch)]
+
+    return inference.run(
+        data_dir, "embed", account, tables.EMBEDDINGS, encoder.id, encoder.preprocess, rows,
+        batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers,
+        part_rows=cfg.embed.part_rows, max_pixels=cfg.download.max_image_pixels)

@@ -1,0 +1,73 @@
+"""Safe image decoding: the only way bytes from the internet reach a model."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
+              "TIFF": "tif", "MPO": "jpg", "HEIF": "heic", "AVIF": "avif"}
+
+
+class BadImage(ValueError):
+    """The bytes are not an image a model can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS.get(self.format, self.format.lower())
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's decompression-bomb guard
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+
+
+def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
+    """Fully decode the image at `path`; raise BadImage saying what is wrong."""
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    img = _open(path, max_pixels)
+    try:
+        img.load()  # decodes every pixel: truncated or corrupt data fails here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt or truncated {img.format or 'image'}: {e}") from None
+    return ImageInfo(img.format or "unknown", img.width, img.height)
+
+
+def load_rgb(path: Path, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode to an RGB image the way a model should see it.
+
+    EXIF orientation is applied; palette, CMYK, 16-bit and alpha images become
+    plain RGB (alpha composited on white); animations give their first frame.
+    """
+    img = _open(path, max_pixels)
+    try:
+        img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v * (1 / 256)).convert("L")
+        return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode {path.name}: {e}") from None

@@ -1,0 +1,59 @@
+"""Models behind small interfaces: an image/text encoder and a captioner.
+
+`resolve` turns a model id into weights; `load` builds the open_clip model on
+the chosen device. Another family plugs in by providing the same methods as
+`clip.ClipEncoder` or `captioner.Captioner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger("clipgram.models")
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu (saying so when it falls back)."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    log.info("no GPU found: running models on the CPU")
+    return torch.device("cpu")
+
+
+def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+    """Build (model, preprocess, tokenizer) for a `resolve.Resolved`, in eval mode."""
+    import open_clip
+
+    from pipeline.models import tiny
+
+    tiny.register_configs()
+    kwargs = dict(resolved.preprocess)
+    if resolved.weights is not None:
+        kwargs["pretrained"] = resolved.weights
+    # the hub cache is already checked by resolve: don't let hub clients retry for a minute
+    offline = resolved.weights is not None or os.environ.get("HF_HUB_OFFLINE")
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            resolved.arch, device=device, **kwargs)
+    except RuntimeError as e:
+        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+            raise RuntimeError(
+                f"checkpoint {resolved.weights} does not fit architecture {resolved.arch}: {e}"
+            ) from None
+        raise
+    finally:
+        if offline and previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(resolved.arch)

@@ -1,0 +1,1 @@
+"""Where posts come from. Every source yields the same posts/media rows."""

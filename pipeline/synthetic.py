@@ -1,0 +1,76 @@
+"""Synthetic scenes: a coloured shape on a coloured background, with its caption.
+
+They are what the offline models are trained on and what the embedded sample
+profile shows, so that search and captioning can be checked for meaning on a
+machine that cannot download real weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from itertools import product
+
+from PIL import Image, ImageDraw, ImageFilter
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.color} {self.shape} on a {self.background} background"
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene whose shape stands out from its background."""
+    return [
+        Scene(shape, color, background)
+        for shape, color, background in product(SHAPES, COLORS, COLORS)
+        if color != background
+    ]
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, ...]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def render(scene: Scene, size: int = 224, rng: random.Random | None = None) -> Image.Image:
+    """Draw `scene` at a random position, scale and rotation; colours jittered a little."""
+    rng = rng or random.Random()
+    img = Image.new("RGB", (size, size), _jitter(COLORS[scene.background], rng, 12))
+    draw = ImageDraw.Draw(img)
+    radius = size * rng.uniform(0.18, 0.34)
+    cx = rng.uniform(radius, size - radius)
+    cy = rng.uniform(radius, size - radius)
+    fill = _jitter(COLORS[scene.color], rng, 18)
+    if scene.shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    else:
+        corners = 4 if scene.shape == "square" else 3
+        turn = rng.uniform(0, 2 * math.pi)
+        points = [
+            (cx + radius * math.cos(turn + 2 * math.pi * i / corners),
+             cy + radius * math.sin(turn + 2 * math.pi * i / corners))
+            for i in range(corners)
+        ]
+        draw.polygon(points, fill=fill)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    return img

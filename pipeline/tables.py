@@ -1,0 +1,183 @@
+"""Table schemas and atomic Parquet I/O.
+
+Tables are append-only sets of Parquet parts under
+`tables/<name>/<partition>=<value>/part-*.parquet`. A row that changes (a media
+item going from pending to downloaded) is written again with a newer
+`updated_at`; readers take the latest row per key. Appending instead of
+rewriting is what makes every write a single atomic rename: a killed run
+leaves either the whole part or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TS = pa.timestamp("us", tz="UTC")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9._@+-]+$")
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    partition: str          # hive partition column, not stored inside the files
+    key: tuple[str, ...]    # identifies a row; the latest `updated_at` wins
+    schema: pa.Schema       # columns stored in the files
+
+    def dir(self, data_dir: Path) -> Path:
+        return data_dir / "tables" / self.name
+
+    def parts(self, value: str | None = None) -> str:
+        """Glob of the parts, relative to the table's directory."""
+        return f"{self.partition}={value if value is not None else '*'}/*.parquet"
+
+
+POSTS = Table("posts", "account", ("account", "shortcode"), pa.schema([
+    ("shortcode", pa.string()),
+    ("post_id", pa.int64()),
+    ("owner_username", pa.string()),
+    ("owner_id", pa.int64()),
+    ("taken_at", TS),
+    ("caption", pa.string()),
+    ("hashtags", pa.list_(pa.string())),
+    ("mentions", pa.list_(pa.string())),
+    ("tagged_users", pa.list_(pa.string())),
+    ("location", pa.string()),
+    ("likes", pa.int64()),
+    ("comments", pa.int64()),
+    ("is_video", pa.bool_()),
+    ("typename", pa.string()),
+    ("permalink", pa.string()),
+    ("accessibility_caption", pa.string()),
+    ("media_count", pa.int32()),
+    ("updated_at", TS),
+]))
+
+MEDIA = Table("media", "account", ("account", "media_id"), pa.schema([
+    ("media_id", pa.string()),          # <shortcode>_<position>
+    ("shortcode", pa.string()),
+    ("position", pa.int32()),           # order inside a carousel, 0 otherwise
+    ("url", pa.string()),
+    ("is_video", pa.bool_()),           # the image is a video's thumbnail
+    ("status", pa.string()),            # pending | done | failed
+    ("error", pa.string()),
+    ("sha256", pa.string()),
+    ("path", pa.string()),              # relative to the data dir
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("bytes", pa.int64()),
+    ("updated_at", TS),
+]))
+
+EMBEDDINGS = Table("embeddings", "model", ("model", "sha256"), pa.schema([
+    ("sha256", pa.string()),
+    ("embedding", pa.list_(pa.float32())),
+    ("updated_at", TS),
+]))
+
+CAPTIONS = Table("captions", "model", ("model", "sha256"), pa.schema([
+    ("sha256", pa.string()),
+    ("caption", pa.string()),
+    ("error", pa.string()),
+    ("updated_at", TS),
+]))
+
+ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def check_partition_value(value: str) -> str:
+    if not _SAFE_VALUE.match(value):
+        raise ValueError(f"{value!r} cannot name a partition: use letters, digits and . _ @ + -")
+    return value
+
+
+def write_part(data_dir: Path, table: Table, value: str, rows: Iterable[dict[str, Any]]) -> Path | None:
+    """Write `rows` as one new part of `table` in partition `value`, atomically.
+
+    Returns the part's path, or None when there were no rows (nothing is written).
+    """
+    rows = list(rows)
+    if not rows:
+        return None
+    stamp = now()
+    for row in rows:
+        row.setdefault("updated_at", stamp)
+    arrow = pa.Table.from_pylist(rows, schema=table.schema)
+    directory = table.dir(data_dir) / f"{table.partition}={check_partition_value(value)}"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{stamp:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+    final = directory / name
+    tmp = directory / f".{name}.tmp"  # hidden and not *.parquet: no reader's glob sees it
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(arrow, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN",
+    TS: "TIMESTAMPTZ", pa.list_(pa.string()): "VARCHAR[]", pa.list_(pa.float32()): "FLOAT[]",
+}
+
+
+def scan_sql(table: Table, data_dir: Path, root: str, value: str | None = None) -> str:
+    """A SELECT over every part of `table` (or one partition), typed even when empty.
+
+    `data_dir` is where files are looked for now; `root` is how the SQL names it
+    (an absolute path, or "." for views resolved against the data directory).
+    """
+    pattern = f"{root}/tables/{table.name}/{table.parts(value)}"
+    if any(table.dir(data_dir).glob(table.parts(value))):
+        return (
+            f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+            f"hive_types = {{'{table.partition}': VARCHAR}}, union_by_name = true)"
+        )
+    # read_parquet fails on a glob with no files: an empty table of the right shape instead
+    columns = [f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in table.schema]
+    columns.append(f"NULL::VARCHAR AS {table.partition}")
+    return f"SELECT {', '.join(columns)} WHERE false"
+
+
+def latest_sql(table: Table, data_dir: Path, root: str, value: str | None = None) -> str:
+    """Like scan_sql, keeping only the newest row per key."""
+    keys = ", ".join(table.key)
+    return (
+        f"SELECT * FROM ({scan_sql(table, data_dir, root, value)}) "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY updated_at DESC) = 1"
+    )
+
+
+def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the current state of every table as a view.
+
+    Stages read through this rather than catalog.duckdb, so they never contend
+    for the catalog's file lock with a user's open SQL shell.
+    """
+    con = duckdb.connect()
+    root = str(data_dir)
+    for table in ALL_TABLES:
+        con.execute(f"CREATE VIEW {table.name} AS {latest_sql(table, data_dir, root)}")
+    return con
