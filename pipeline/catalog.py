@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,9 @@ def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
 
 def register_udfs(con: duckdb.DuckDBPyConnection, encoder: Any) -> None:
     """`clip_text(text)` → FLOAT[d], the CLIP embedding of `text`, for plain-SQL vector search."""
-    array = duckdb.typing.DuckDBPyType(f"FLOAT[{encoder.dim}]")
-    con.create_function("clip_text", lambda text: encoder.encode_text([text])[0].tolist(),
-                        [duckdb.typing.VARCHAR], array, side_effects=False)
+    @lru_cache(maxsize=256)  # DuckDB may call a scalar UDF once per row, even for a constant
+    def clip_text(text: str) -> list[float]:
+        return encoder.encode_text([text])[0].tolist()
+
+    con.create_function("clip_text", clip_text, [duckdb.sqltype("VARCHAR")],
+                        duckdb.sqltype(f"FLOAT[{encoder.dim}]"), side_effects=False)

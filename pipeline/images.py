@@ -38,18 +38,20 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise BadImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt or truncated image header: {e}") from None
 
 
 def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
     """Fully decode the image at `path`; raise BadImage saying what is wrong."""
     if path.stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")
-    img = _open(path, max_pixels)
-    try:
-        img.load()  # decodes every pixel: truncated or corrupt data fails here
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt or truncated {img.format or 'image'}: {e}") from None
-    return ImageInfo(img.format or "unknown", img.width, img.height)
+    with _open(path, max_pixels) as img:
+        try:
+            img.load()  # decodes every pixel: truncated or corrupt data fails here
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"corrupt or truncated {img.format or 'image'}: {e}") from None
+        return ImageInfo(img.format or "unknown", img.width, img.height)
 
 
 def load_rgb(path: Path, max_pixels: int = 89_478_485) -> Image.Image:
@@ -58,16 +60,18 @@ def load_rgb(path: Path, max_pixels: int = 89_478_485) -> Image.Image:
     EXIF orientation is applied; palette, CMYK, 16-bit and alpha images become
     plain RGB (alpha composited on white); animations give their first frame.
     """
-    img = _open(path, max_pixels)
-    try:
-        img.seek(0)
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v * (1 / 256)).convert("L")
-        return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"cannot decode {path.name}: {e}") from None
+    with _open(path, max_pixels) as src:
+        try:
+            return _to_rgb(ImageOps.exif_transpose(src))  # a copy: safe to close the file
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"cannot decode {path.name}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v * (1 / 256)).convert("L")  # 16-bit → 8-bit, not clipped
+    return img.convert("RGB")

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TS = pa.timestamp("us", tz="UTC")
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9._@+-]+$")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*$")  # no "..", no hidden dirs
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,10 @@ def write_part(data_dir: Path, table: Table, value: str, rows: Iterable[dict[str
 
     Returns the part's path, or None when there were no rows (nothing is written).
     """
-    rows = list(rows)
+    stamp = now()  # the write time orders versions of a row
+    rows = [{**row, "updated_at": stamp} for row in rows]
     if not rows:
         return None
-    stamp = now()
-    for row in rows:
-        row.setdefault("updated_at", stamp)
     arrow = pa.Table.from_pylist(rows, schema=table.schema)
     directory = table.dir(data_dir) / f"{table.partition}={check_partition_value(value)}"
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,7 @@ from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 
-# Instagram lists up to 3 pinned posts first, out of date order: paging past
-# this many known posts in a row means everything after is known too.
+# Instagram lists up to 3 pinned posts first, out of date order.
 MAX_PINNED = 3
 
 
@@ -114,16 +113,17 @@ def media_rows(post: Post) -> list[dict[str, Any]]:
 
 
 def new_posts(posts: Iterator[Post], known: set[str], limit: int = 0) -> Iterator[Post]:
-    """Posts not yet in the tables, stopping once paging reaches known ones."""
-    known_in_a_row = 0
+    """Posts not yet in the tables, newest first, stopping at the first known one.
+
+    A known post among the first MAX_PINNED may be pinned (out of date order),
+    so it is skipped rather than taken as the end of what is new.
+    """
     fresh = 0
-    for post in posts:
+    for position, post in enumerate(posts):
         if post.shortcode in known:
-            known_in_a_row += 1
-            if known_in_a_row > MAX_PINNED:
-                return
-            continue
-        known_in_a_row = 0
+            if position < MAX_PINNED:
+                continue
+            return
         yield post
         fresh += 1
         if limit and fresh >= limit:

@@ -1,0 +1,78 @@
+"""The ingest DAG: scrape → download → embed → caption → publish.
+
+Flows stay thin: every task calls one plain function of `pipeline`, and tasks
+take ids, paths and plain settings (never models or connections), so Prefect
+can retry, schedule and show them. Idempotency comes from the stages
+themselves (each computes its own to-do list from the tables), not from
+Prefect's cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgram")
+
+from prefect import flow, task  # noqa: E402
+
+from pipeline import catalog, download, stages  # noqa: E402
+from pipeline.caption import caption  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.embed import embed  # noqa: E402
+from pipeline.models import captioner, clip  # noqa: E402
+from pipeline.sources import instagram  # noqa: E402
+
+Settings = dict[str, dict[str, Any]]
+
+
+def _config(settings: Settings) -> Config:
+    return load_config(overrides=settings, environ={})
+
+
+@task(name="scrape", retries=2, retry_delay_seconds=[10, 60])
+def scrape_task(account: str, settings: Settings, recorded: str | None) -> stages.StageResult:
+    cfg = _config(settings)
+    return instagram.scrape(cfg.data_dir, account, Path(recorded) if recorded else None,
+                            limit=cfg.scrape.limit, session_user=cfg.scrape.session_user)
+
+
+@task(name="download", retries=2, retry_delay_seconds=[5, 30])
+def download_task(account: str, settings: Settings) -> stages.StageResult:
+    cfg = _config(settings)
+    d = cfg.download
+    return download.download(cfg.data_dir, account, download.DownloadSettings(
+        d.concurrency, d.timeout_s, d.retries, d.max_image_pixels))
+
+
+@task(name="embed")
+def embed_task(account: str, settings: Settings) -> stages.StageResult:
+    cfg = _config(settings)
+    return embed(cfg.data_dir, account, cfg)
+
+
+@task(name="caption")
+def caption_task(account: str, settings: Settings) -> stages.StageResult:
+    cfg = _config(settings)
+    return caption(cfg.data_dir, account, cfg)
+
+
+@task(name="publish")
+def publish_task(account: str, settings: Settings) -> stages.StageResult:
+    cfg = _config(settings)
+    encoder = clip.from_config(cfg.models)
+    model = captioner.from_config(cfg.models, cfg.caption)
+    return catalog.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
+
+
+@flow(name="ingest-account")
+def ingest_account(account: str, settings: Settings | None = None,
+                   recorded: str | None = None) -> list[stages.StageResult]:
+    """Ingest one Instagram account (live, or recorded instaloader JSON in `recorded`)."""
+    settings = settings or load_config().as_dict()
+    results = [scrape_task(account, settings, recorded), download_task(account, settings)]
+    results.append(embed_task(account, settings))
+    results.append(caption_task(account, settings))
+    results.append(publish_task(account, settings))
+    return results

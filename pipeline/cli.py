@@ -1,0 +1,203 @@
+"""`clipgram`: ingest accounts, search images, run SQL, see where every stage stands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipeline import catalog, report, search, stages
+from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
+from pipeline.models import clip
+from pipeline.models.resolve import WeightsUnavailable
+from pipeline.sources.instagram import RecordedDataIncomplete
+
+log = logging.getLogger("clipgram")
+
+# flag → (section, key): the common settings, overridable on the command line
+FLAGS = {
+    "data_dir": ("data", "dir"),
+    "device": ("models", "device"),
+    "clip_model": ("models", "clip"),
+    "captioner": ("models", "captioner"),
+    "batch_size": ("embed", "batch_size"),
+    "concurrency": ("download", "concurrency"),
+    "limit": ("scrape", "limit"),
+}
+
+
+def _config(args: argparse.Namespace, default_file: Path | None = None) -> Config:
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            overrides.setdefault(section, {})[key] = getattr(args, flag)
+    cfg = load_config(args.config or default_file, overrides)
+    cfg.data.dir = str(cfg.data_dir)  # absolute from here on: tasks may run elsewhere
+    return cfg
+
+
+def _format(args: argparse.Namespace) -> str:
+    return "json" if getattr(args, "json", False) else "csv" if getattr(args, "csv", False) else "table"
+
+
+def run_ingest(cfg: Config, account: str, recorded: Path | None) -> list[stages.StageResult]:
+    from flows.ingest import ingest_account  # Prefect is slow to import: only when needed
+
+    return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    results = run_ingest(cfg, args.account, args.recorded)
+    report.print_rows(["stage", "done", "failed", "note"],
+                      [[r.stage, r.done, r.failed, r.note] for r in results])
+    return 0
+
+
+def _search(cfg: Config, query: str, k: int, captions: bool) -> list[search.Hit]:
+    con = catalog.connect(cfg.data_dir)
+    if captions:
+        return search.caption_search(con, cfg.data_dir, query, k)
+    return search.text_search(con, cfg.data_dir, clip.from_config(cfg.models), query, k)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    hits = _search(cfg, args.query, args.k or cfg.search.k, args.captions)
+    report.print_hits(hits, _format(args))
+    if args.html:
+        report.write_html(args.html, [(args.query, hits)])
+        log.info("results page written to %s", args.html)
+    return 0
+
+
+def _run_sql(con: duckdb.DuckDBPyConnection, query: str, fmt: str) -> None:
+    relation = con.sql(query)
+    if relation is None:  # a statement with no result set
+        return
+    report.print_rows(relation.columns, relation.fetchall(), fmt)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    con = catalog.connect(cfg.data_dir)
+    if catalog.meta(con).get("clip_model"):
+        catalog.register_udfs(con, clip.from_config(cfg.models))
+    if args.query:
+        _run_sql(con, args.query, _format(args))
+        return 0
+    print("clipgram sql — end statements with ';', quit with Ctrl-D", file=sys.stderr)
+    buffer = ""
+    while True:
+        try:
+            line = input("clipgram> " if not buffer else "     ...> ")
+        except EOFError:
+            return 0
+        buffer += line + "\n"
+        if buffer.strip().endswith(";"):
+            try:
+                _run_sql(con, buffer, _format(args))
+            except duckdb.Error as e:
+                print(f"error: {e}", file=sys.stderr)
+            buffer = ""
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    clip_id = captioner_id = None
+    if (cfg.data_dir / catalog.CATALOG).exists():
+        meta = catalog.meta(catalog.connect(cfg.data_dir))
+        clip_id, captioner_id = meta.get("clip_model"), meta.get("captioner")
+    rows = stages.status(cfg.data_dir, clip_id, captioner_id)
+    columns = ["account", "stage", "done", "pending", "failed", "last_error"]
+    report.print_rows(columns, [[r[c] for c in columns] for r in rows], _format(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    cfg = _config(args, default_file=CONFIG_DIR / "demo.toml")
+    with demo.serve(demo.SAMPLE_DIR) as base_url:
+        log.info("serving the sample profile on %s", base_url)
+        recorded = demo.materialize(cfg.data_dir / "recorded" / demo.ACCOUNT, base_url)
+        run_ingest(cfg, demo.ACCOUNT, recorded)
+    sections = []
+    for title, query, captions in [("Text → image (CLIP): 'a red circle'", "a red circle", False),
+                                   ("Caption full-text (BM25): 'yellow square'", "yellow square", True)]:
+        print(f"\n== {title}")
+        hits = _search(cfg, query, 5, captions)
+        report.print_hits(hits)
+        sections.append((title, hits))
+    print("\n== SQL: the account's top hashtags")
+    sql = ("SELECT tag, count(*) AS posts, sum(likes) AS likes FROM "
+           "(SELECT unnest(hashtags) AS tag, likes FROM posts) GROUP BY tag ORDER BY posts DESC, tag LIMIT 5")
+    print(sql)
+    _run_sql(catalog.connect(cfg.data_dir), sql, "table")
+    page = report.write_html(cfg.data_dir / "demo.html", sections)
+    print(f"\nResults page: {page}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML file merged over configs/default.toml")
+    common.add_argument("--data-dir", help="data directory (default ./data; env CLIPGRAM_DATA_DIR)")
+    common.add_argument("--device", help="auto, cuda, mps or cpu")
+    common.add_argument("--clip-model", help="NAME:TAG, NAME:/path/ckpt.pt, hf-hub:ORG/REPO, tiny, auto")
+    common.add_argument("--captioner", help="CoCa model id, same forms as --clip-model")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="machine-readable JSON rows")
+    out.add_argument("--csv", action="store_true", help="CSV rows")
+
+    parser = argparse.ArgumentParser(prog="clipgram", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", parents=[common], help="scrape, download, embed, caption, publish")
+    p.add_argument("account", help="Instagram username")
+    p.add_argument("--recorded", type=Path, help="read the profile from instaloader JSON files here")
+    p.add_argument("--limit", type=int, help="at most N new posts")
+    p.add_argument("--batch-size", type=int, help="embedding batch size")
+    p.add_argument("--concurrency", type=int, help="parallel downloads")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", parents=[common, out], help="text → image search")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, help="number of results (default [search] k)")
+    p.add_argument("--captions", action="store_true", help="BM25 full-text over captions instead")
+    p.add_argument("--html", type=Path, help="also write a results page with thumbnails")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sql", parents=[common, out], help="run SQL on the catalog (shell if no query)")
+    p.add_argument("query", nargs="?")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="ingest and search the embedded sample profile")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
+        RecordedDataIncomplete, duckdb.Error, FileNotFoundError)
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+import os
+import pathlib
+
+import pytest
+
+MODEL_CACHE = pathlib.Path(os.environ.get(
+    "CLIPGRAM_TEST_MODEL_CACHE", pathlib.Path.home() / ".cache" / "clipgram" / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_ckpt():
+    from pipeline.models import tiny
+
+    return tiny.ensure_checkpoint(tiny.TINY_CLIP, MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_coca_ckpt():
+    from pipeline.models import tiny
+
+    return tiny.ensure_checkpoint(tiny.TINY_COCA, MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real, temporary Prefect API for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sample_site():
+    """The embedded sample profile's images served over real HTTP on 127.0.0.1."""
+    from pipeline import demo
+
+    with demo.serve(demo.SAMPLE_DIR) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def recorded(tmp_path, sample_site):
+    """A copy of the sample profile's instaloader JSON pointing at the local server."""
+    from pipeline import demo
+
+    return demo.materialize(tmp_path / "recorded", sample_site)
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_clip_ckpt, tiny_coca_ckpt):
+    """Settings for a test: its own data dir, the offline models, the CPU."""
+    from pipeline.config import load_config
+
+    def make(**sections):
+        overrides = {"data": {"dir": str(tmp_path / "data")},
+                     "models": {"clip": "tiny", "captioner": "tiny", "device": "cpu",
+                                "cache_dir": str(MODEL_CACHE)},
+                     "embed": {"batch_size": 8}, "caption": {"batch_size": 8}}
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        return load_config(overrides=overrides, environ={})
+
+    return make

@@ -1,0 +1,45 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_defaults_env_and_overrides_layer_in_order(tmp_path):
+    user = tmp_path / "user.toml"
+    user.write_text("[embed]\nbatch_size = 32\n[download]\nconcurrency = 2\n")
+    cfg = load_config(user, overrides={"download": {"concurrency": 5}},
+                      environ={"CLIPGRAM_EMBED_BATCH_SIZE": "128", "CLIPGRAM_DATA_DIR": str(tmp_path)})
+    assert cfg.embed.batch_size == 128          # env beats the file
+    assert cfg.download.concurrency == 5        # flags beat everything
+    assert cfg.data_dir == tmp_path.resolve()
+    assert cfg.caption.max_length == load_config(environ={}).caption.max_length
+
+
+def test_env_values_are_typed():
+    cfg = load_config(environ={"CLIPGRAM_DOWNLOAD_TIMEOUT_S": "2.5", "CLIPGRAM_SCRAPE_LIMIT": "7"})
+    assert cfg.download.timeout_s == 2.5 and cfg.scrape.limit == 7
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"CLIPGRAM_EMBED_BATCH_SIZ": "3"}, "embed.batch_siz"),
+    ({"CLIPGRAM_EMBED_BATCH_SIZE": "many"}, "embed.batch_size: expected int"),
+])
+def test_bad_env_names_the_key(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ=environ)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[embed]\nbatchsize = 3\n", "unknown key embed.batchsize"),
+    ("[embedding]\nbatch_size = 3\n", r"unknown section \[embedding\]"),
+    ("[download]\nconcurrency = \"eight\"\n", "download.concurrency: expected int"),
+    ("[models]\nclip = 3\n", "models.clip: expected str"),
+])
+def test_bad_file_names_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+def test_unrelated_env_is_ignored():
+    assert load_config(environ={"CLIPGRAM_TEST_MODEL_CACHE": "/x"}).embed.batch_size > 0

@@ -1,0 +1,81 @@
+import io
+
+import pytest
+from PIL import Image
+
+from pipeline import images
+
+
+def _save(path, img, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def jpeg(tmp_path):
+    return _save(tmp_path / "ok.jpg", Image.new("RGB", (64, 48), (200, 30, 30)), quality=90)
+
+
+def test_verify_reports_format_and_size(jpeg):
+    info = images.verify(jpeg)
+    assert (info.format, info.width, info.height, info.extension) == ("JPEG", 64, 48, "jpg")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda good: b"", "empty file"),
+    (lambda good: good[: len(good) // 2], "truncated"),
+    (lambda good: good[:200] + bytes(range(256)) * 4, "corrupt"),
+    (lambda good: b"<!doctype html><html><body>Please log in</body></html>", "not an image"),
+    (lambda good: b"GIF89a" + b"\x00" * 3, "not an image|corrupt"),
+])
+def test_bad_bytes_are_refused_with_a_reason(tmp_path, jpeg, make, reason):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(make(jpeg.read_bytes()))
+    with pytest.raises(images.BadImage, match=reason):
+        images.verify(bad)
+
+
+@pytest.mark.parametrize("pixels", [150, 1000])  # Pillow warns below 2x the limit, errors above
+def test_decompression_bombs_are_refused(tmp_path, pixels):
+    side = int(pixels ** 0.5) + 1
+    path = _save(tmp_path / "bomb.png", Image.new("L", (side, side)))
+    with pytest.raises(images.BadImage, match="decompression bomb"):
+        images.verify(path, max_pixels=100)
+    assert images.verify(path, max_pixels=10_000).width == side
+
+
+def test_load_rgb_applies_exif_orientation(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    path = _save(tmp_path / "rot.jpg", img, exif=exif.tobytes())
+    assert images.load_rgb(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("mode, color, kw, expected", [
+    ("CMYK", (0, 255, 255, 0), {"format": "JPEG"}, (255, 0, 0)),
+    ("RGBA", (0, 0, 0, 0), {"format": "PNG"}, (255, 255, 255)),     # transparent → white
+    ("LA", (0, 255), {"format": "PNG"}, (0, 0, 0)),
+    ("I;16", 65535, {"format": "PNG"}, (255, 255, 255)),
+])
+def test_load_rgb_converts_modes(tmp_path, mode, color, kw, expected):
+    path = _save(tmp_path / f"img.{kw['format'].lower()}", Image.new(mode, (8, 8), color), **kw)
+    img = images.load_rgb(path)
+    assert img.mode == "RGB"
+    assert all(abs(a - b) <= 3 for a, b in zip(img.getpixel((4, 4)), expected))
+
+
+def test_load_rgb_palette_with_transparency(tmp_path):
+    img = Image.new("P", (8, 8), 1)
+    img.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    img.info["transparency"] = 0
+    path = _save(tmp_path / "p.png", img, transparency=0)
+    assert images.load_rgb(path).getpixel((0, 0)) == (10, 200, 10)
+
+
+def test_animated_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    r, g, _ = images.load_rgb(path).getpixel((4, 4))
+    assert r > 200 and g < 50
