@@ -12,7 +12,9 @@ not see rows added after it is built, so `publish` rebuilds it every time.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -67,10 +69,30 @@ def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
     return views
 
 
+def _fingerprint(data_dir: Path, *ids: Any) -> str:
+    """Identifies what a catalog is built from: every Parquet part and the model ids."""
+    parts = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "tables").rglob("*.parquet"))
+    return hashlib.sha256(json.dumps([parts, *ids]).encode()).hexdigest()
+
+
+def _published_fingerprint(path: Path) -> str | None:
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            return meta(con).get("fingerprint")
+    except duckdb.Error:
+        return None
+
+
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
             captioner_id: str | None, account: str = "*") -> StageResult:
-    """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically."""
+    """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
+
+    Skipped when no table part and no model changed since the last publish.
+    """
     final = data_dir / CATALOG
+    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id)
+    if final.exists() and _published_fingerprint(final) == fingerprint:
+        return StageResult("publish", account, note="catalog up to date").log()
     tmp = data_dir / f".{CATALOG}.tmp"
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
@@ -81,7 +103,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
             ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
-            ["captioner", captioner_id]])
+            ["captioner", captioner_id], ["fingerprint", fingerprint]])
         # FTS indexes tables, not views: materialise one document per image
         con.execute("""
             CREATE TABLE documents AS

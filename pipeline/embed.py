@@ -12,8 +12,9 @@ from pipeline.models import clip
 from pipeline.stages import StageResult
 
 
-def embed(data_dir: Path, account: str, cfg: Any) -> StageResult:
-    encoder = clip.from_config(cfg.models)
+def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | None = None) -> StageResult:
+    """Embed the account's downloaded images not yet embedded by the configured model."""
+    encoder = encoder or clip.from_config(cfg.models)
 
     def rows(batch: torch.Tensor) -> list[dict[str, Any]]:
         return [{"embedding": vector.tolist()} for vector in encoder.encode_images(batch)]

@@ -47,13 +47,13 @@ def recorded(tmp_path, sample_site):
     return demo.materialize(tmp_path / "recorded", sample_site)
 
 
-@pytest.fixture
-def make_config(tmp_path, tiny_clip_ckpt, tiny_coca_ckpt):
-    """Settings for a test: its own data dir, the offline models, the CPU."""
+@pytest.fixture(scope="session")
+def make_config(tiny_clip_ckpt, tiny_coca_ckpt):
+    """Settings for a test: the given data dir, the offline models, the CPU."""
     from pipeline.config import load_config
 
-    def make(**sections):
-        overrides = {"data": {"dir": str(tmp_path / "data")},
+    def make(data_dir, **sections):
+        overrides = {"data": {"dir": str(data_dir)},
                      "models": {"clip": "tiny", "captioner": "tiny", "device": "cpu",
                                 "cache_dir": str(MODEL_CACHE)},
                      "embed": {"batch_size": 8}, "caption": {"batch_size": 8}}

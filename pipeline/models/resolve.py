@@ -74,11 +74,18 @@ def _unavailable(spec: str, where: str) -> WeightsUnavailable:
     )
 
 
+def _hub_cache_dir() -> str | None:
+    # read the environment now: huggingface_hub fixes its default at import time
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+
+
 def _from_hub_cache(repo: str, filenames: tuple[str, ...]) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
-        hit = try_to_load_from_cache(repo, name)
+        hit = try_to_load_from_cache(repo, name, cache_dir=_hub_cache_dir())
         if isinstance(hit, str):
             return hit
     return None
@@ -100,7 +107,7 @@ def _pretrained_tag(arch: str, tag: str) -> Resolved:
         if path is None:
             if not _reachable(HUB_HOST):
                 raise _unavailable(spec, HUB_HOST)
-            path = open_clip.download_pretrained(cfg)
+            path = open_clip.download_pretrained(cfg, cache_dir=_hub_cache_dir())
     else:
         url = cfg["url"]
         path = str(Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path))

@@ -1,0 +1,147 @@
+"""`make bench`: throughput of download, decode-check, embedding and captioning, in one run.
+
+Every figure comes from the same process on the same machine, so ratios
+(end-to-end over model-only, speed-up over the naive loop) mean something even
+on a noisy host. Weights are random (the FLOPs are those of the real model).
+Results go to bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from pipeline import demo, download, images, synthetic, tables
+from pipeline.config import load_config
+from pipeline.embed import embed
+from pipeline.models import captioner as captioner_mod
+from pipeline.models import clip as clip_mod
+from pipeline.models import pick_device
+from pipeline.models.resolve import Resolved
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_jpegs(directory: Path, count: int, size: int) -> list[Path]:
+    """Instagram-sized JPEGs of synthetic scenes."""
+    rng = random.Random(0)
+    scenes = synthetic.all_scenes()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = directory / f"img{i:05d}.jpg"
+        synthetic.render(rng.choice(scenes), size, rng).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_download(data_dir: Path, site: Path, names: list[str], concurrency: int) -> dict[str, float]:
+    shutil.rmtree(data_dir, ignore_errors=True)
+    with demo.serve(site) as base:
+        tables.write_part(data_dir, tables.MEDIA, "bench", [
+            {"media_id": f"{n}_0", "shortcode": n, "position": 0, "url": f"{base}/{n}", "status": "pending"}
+            for n in names])
+        seconds = _timed(lambda: download.download(
+            data_dir, "bench", download.DownloadSettings(concurrency=concurrency)))
+    megabytes = sum((site / n).stat().st_size for n in names) / 1e6
+    return {"ips": len(names) / seconds, "mb_s": megabytes / seconds, "seconds": seconds}
+
+
+def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
+                batch_size: int, num_workers: int) -> dict[str, float]:
+    encoder = clip_mod.ClipEncoder(Resolved(f"{arch}@random", arch, None), device)
+    paths = sorted((data_dir / "media").rglob("*.jpg"))[:count]
+    tensors = torch.stack([encoder.preprocess(images.load_rgb(p)) for p in paths])
+    encoder.encode_images(tensors[:batch_size])  # warm-up
+    model_only = _timed(lambda: [encoder.encode_images(tensors[i:i + batch_size])
+                                 for i in range(0, len(tensors), batch_size)])
+
+    naive_n = max(8, count // 4)
+
+    def naive() -> None:  # open_clip's README loop: one image at a time
+        for p in paths[:naive_n]:
+            with torch.no_grad():
+                x = encoder.preprocess(Image.open(p)).unsqueeze(0).to(device)
+                encoder.model.encode_image(x)
+    naive_s = _timed(naive)
+
+    cfg = load_config(overrides={"data": {"dir": str(data_dir)},
+                                 "embed": {"batch_size": batch_size, "num_workers": num_workers}},
+                      environ={})
+    start = time.perf_counter()
+    done = embed(data_dir, "bench", cfg, encoder).done  # JPEG files → Parquet, every stored image
+    e2e_ips = done / (time.perf_counter() - start)
+    model_only_ips = len(paths) / model_only
+    naive_ips = naive_n / naive_s
+    return {
+        "model": f"{arch} (random weights)", "images": done, "batch_size": batch_size,
+        "model_only_ips": model_only_ips, "e2e_ips": e2e_ips,
+        "e2e_over_model_only": e2e_ips / model_only_ips, "naive_ips": naive_ips,
+        "naive_speedup": e2e_ips / naive_ips, "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int) -> dict[str, float]:
+    model = captioner_mod.Captioner(Resolved(f"{arch}@random", arch, None), device, max_length=20)
+    paths = sorted((data_dir / "media").rglob("*.jpg"))[:count]
+    batch = torch.stack([model.preprocess(images.load_rgb(p)) for p in paths])
+    seconds = _timed(lambda: model.caption(batch))
+    return {"model": f"{arch} (random weights)", "images": len(paths), "ips": len(paths) / seconds,
+            "generation": model.generation}
+
+
+def main(argv: list[str] | None = None) -> None:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=2000 if gpu else 400, help="download set size")
+    parser.add_argument("--embed-images", type=int, default=1024 if gpu else 64)
+    parser.add_argument("--caption-images", type=int, default=64 if gpu else 4)
+    parser.add_argument("--size", type=int, default=1080, help="JPEG side (Instagram: 1080)")
+    parser.add_argument("--batch-size", type=int, default=256 if gpu else 32)
+    parser.add_argument("--workers", type=int, default=8 if gpu else 1)
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args(argv)
+    device = pick_device("auto")
+    work = Path(tempfile.mkdtemp(prefix="clipgram-bench-"))
+    try:
+        print(f"rendering {args.images} JPEGs of {args.size}px …", flush=True)
+        site = work / "site"
+        names = [p.name for p in make_jpegs(site, args.images, args.size)]
+        results: dict[str, Any] = {"device": str(device), "host": platform.node(),
+                                   "torch": torch.__version__, "download": {}}
+        for concurrency in (1, 8):
+            results["download"][f"c{concurrency}"] = bench_download(work / "data", site, names, concurrency)
+        stored = sorted((work / "data" / "media").rglob("*.jpg"))
+        verify_s = _timed(lambda: [images.verify(p) for p in stored])
+        results["verify_ips"] = len(stored) / verify_s
+        results["embed"] = bench_embed(work / "data", "ViT-B-32", device, args.embed_images,
+                                       args.batch_size, args.workers)
+        results["caption"] = bench_caption(work / "data", "coca_ViT-B-32", device, args.caption_images)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Model ids resolve honestly: cached weights load by tag, missing ones fail fast and say what to do."""
+
+import time
+
+import open_clip
+import pytest
+import torch
+
+from pipeline.models import load, resolve
+
+DEFAULT = "ViT-B-32:laion2b_s34b_b79k"
+REPO = "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+
+
+def _resolve(spec, tmp_path):
+    return resolve.resolve(spec, default=DEFAULT, tiny_arch="unused", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_missing_weights_fail_within_seconds(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)  # "": the hub is merely unreachable here
+    start = time.monotonic()
+    with pytest.raises(resolve.WeightsUnavailable) as error:
+        _resolve(DEFAULT, tmp_path)
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert DEFAULT in message and "local checkpoint" in message and "tiny" in message
+
+
+def test_weights_in_the_hub_cache_load_by_tag(tmp_path, monkeypatch):
+    """A random-weight state dict saved under the real repo name stands in for the download."""
+    model = open_clip.create_model("ViT-B-32")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / REPO / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (tmp_path / "hub" / REPO / "refs").mkdir()
+    (tmp_path / "hub" / REPO / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    resolved = _resolve(DEFAULT, tmp_path)
+    assert resolved.id == "ViT-B-32@laion2b_s34b_b79k"
+    assert resolved.weights == str(snapshot / "open_clip_pytorch_model.bin")
+    loaded, preprocess, _ = load(resolved, torch.device("cpu"))
+    assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight)
+    assert preprocess.transforms[-1].mean == open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["mean"]
+
+
+def test_auto_falls_back_to_the_offline_model(tmp_path, monkeypatch, tiny_clip_ckpt):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve.resolve("auto", default=DEFAULT, tiny_arch="clipgram-tiny-clip",
+                               cache_dir=tiny_clip_ckpt.parent)
+    assert resolved.arch == "clipgram-tiny-clip" and resolved.weights == str(tiny_clip_ckpt)
+
+
+def test_a_checkpoint_that_does_not_fit_its_architecture_names_both(tmp_path, tiny_clip_ckpt):
+    resolved = _resolve(f"ViT-B-32:{tiny_clip_ckpt}", tmp_path)
+    assert resolved.id.startswith("ViT-B-32@ckpt-")
+    with pytest.raises(RuntimeError, match=f"{tiny_clip_ckpt}.*does not fit architecture ViT-B-32"):
+        load(resolved, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ViT-B-32:no_such_tag", "not an open_clip pretrained pair"),
+    ("NoSuchNet:/tmp/x.pt", "does not exist"),
+    ("ViT-B-32", "expected NAME:TAG"),
+])
+def test_bad_ids_are_explained(tmp_path, spec, message):
+    with pytest.raises(resolve.WeightsUnavailable, match=message):
+        _resolve(spec, tmp_path)

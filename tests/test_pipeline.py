@@ -1,0 +1,121 @@
+"""The whole DAG through a real Prefect API, on the embedded sample profile."""
+
+import json
+import re
+
+import pytest
+
+from flows.ingest import ingest_account
+from pipeline import catalog, demo, search, stages, tables
+from pipeline.cli import main
+from pipeline.models import clip
+from pipeline.sources import instagram
+
+
+@pytest.fixture(scope="module")
+def recorded_copy(tmp_path_factory, sample_site):
+    return demo.materialize(tmp_path_factory.mktemp("recorded"), sample_site)
+
+
+@pytest.fixture(scope="module")
+def ingested(prefect_harness, make_config, recorded_copy, tmp_path_factory):
+    """One full ingest shared by the tests that only read its results."""
+    cfg = make_config(tmp_path_factory.mktemp("data"))
+    results = ingest_account(demo.ACCOUNT, cfg.as_dict(), str(recorded_copy))
+    return cfg, results
+
+
+def _parts(cfg):
+    return sorted((cfg.data_dir / "tables").rglob("*.parquet"))
+
+
+def test_every_stage_runs_and_fills_its_table(ingested, recorded_copy):
+    cfg, results = ingested
+    _, posts = instagram.load_recorded(recorded_copy)
+    images = sum(p.mediacount for p in posts)
+    assert [r.stage for r in results] == list(stages.STAGES)
+    by_stage = {r.stage: r for r in results}
+    assert by_stage["scrape"].done == len(posts)
+    assert by_stage["download"].done == images and by_stage["download"].failed == 0
+    assert by_stage["embed"].done == by_stage["caption"].done == by_stage["publish"].done == images
+
+    con = catalog.connect(cfg.data_dir)
+    dim = int(catalog.meta(con)["clip_dim"])
+    assert con.execute("SELECT typeof(embedding) FROM embeddings LIMIT 1").fetchone() == (f"FLOAT[{dim}]",)
+    norms = con.execute("SELECT min(list_norm), max(list_norm) FROM "
+                        "(SELECT sqrt(list_sum(list_transform(embedding::FLOAT[], x -> x * x))) "
+                        "AS list_norm FROM embeddings)").fetchone()
+    assert norms == pytest.approx((1.0, 1.0), abs=1e-4)
+    assert con.execute("SELECT count(*), count(DISTINCT sha256) FROM embeddings").fetchone() == (images, images)
+    assert con.execute("SELECT count(*) FROM captions WHERE length(caption) > 0").fetchone() == (images,)
+    for row in con.execute("SELECT account, sha256 FROM media").fetchall():
+        assert row[0] == demo.ACCOUNT and re.fullmatch("[0-9a-f]{64}", row[1])
+
+
+def test_second_run_writes_nothing(ingested, recorded_copy):
+    cfg, _ = ingested
+    parts = _parts(cfg)
+    mtime = (cfg.data_dir / "catalog.duckdb").stat().st_mtime
+    results = ingest_account(demo.ACCOUNT, cfg.as_dict(), str(recorded_copy))
+    assert [r.done for r in results] == [0, 0, 0, 0, 0]
+    assert results[-1].note == "catalog up to date"
+    assert _parts(cfg) == parts and (cfg.data_dir / "catalog.duckdb").stat().st_mtime == mtime
+
+
+def test_text_search_finds_the_scene_it_names(ingested):
+    """Query each colour+shape the sample shows; the top hit's own post must name both."""
+    cfg, _ = ingested
+    con = catalog.connect(cfg.data_dir)
+    encoder = clip.from_config(cfg.models)
+    scenes = con.execute("SELECT DISTINCT hashtags[1], hashtags[2] FROM posts "
+                         "WHERE typename = 'GraphImage'").fetchall()
+    right = 0
+    for color, shape in scenes:
+        top = search.text_search(con, cfg.data_dir, encoder, f"a {color} {shape}", k=1)[0]
+        tags = con.execute("SELECT hashtags FROM posts WHERE shortcode = ?", [top.shortcode]).fetchone()[0]
+        right += color in tags[:2] and shape in tags[:2]
+    assert right / len(scenes) >= 0.6
+
+
+def test_caption_full_text_search_ranks_matching_captions(ingested):
+    cfg, _ = ingested
+    con = catalog.connect(cfg.data_dir)
+    hits = search.caption_search(con, cfg.data_dir, "triangle", k=50)
+    assert hits and all("triangle" in con.execute(
+        "SELECT lower(generated_caption || ' ' || post_caption || ' ' || hashtags || ' ' || "
+        "accessibility_caption) FROM documents WHERE media_id = ?", [h.media_id]).fetchone()[0]
+        for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_cli_search_sql_and_status(ingested, capsys):
+    cfg, _ = ingested
+    base = ["--data-dir", str(cfg.data_dir), "--clip-model", "tiny", "--captioner", "tiny",
+            "--device", "cpu"]
+    assert main(["search", "a red circle", "-k", "3", "--json", *base]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert all((cfg.data_dir / r["path"]).exists() and r["account"] == demo.ACCOUNT for r in rows)
+
+    assert main(["sql", "SELECT media_id, array_cosine_similarity(embedding, clip_text('a red circle')) "
+                 "AS score FROM images JOIN embeddings USING (sha256) ORDER BY score DESC LIMIT 3",
+                 "--json", *base]) == 0
+    sql_rows = json.loads(capsys.readouterr().out)
+    assert [r["media_id"] for r in sql_rows] == [r["media_id"] for r in rows]
+
+    assert main(["sql", "SELECT count(*) AS n FROM posts", "--csv", *base]) == 0
+    posts = tables.connect(cfg.data_dir).execute("SELECT count(*) FROM posts").fetchone()[0]
+    assert capsys.readouterr().out.splitlines() == ["n", str(posts)]
+
+    assert main(["status", "--json", *base]) == 0
+    status = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert status["download"]["done"] == status["embed"]["done"] == status["caption"]["done"] > 0
+    assert all(status[s]["pending"] == 0 for s in ("download", "embed", "caption"))
+
+
+def test_status_counts_pending_work(make_config, recorded, tmp_path):
+    cfg = make_config(tmp_path / "data")
+    instagram.scrape(cfg.data_dir, demo.ACCOUNT, recorded)
+    status = {r["stage"]: r for r in stages.status(cfg.data_dir, None, None)}
+    images = tables.connect(cfg.data_dir).execute("SELECT count(*) FROM media").fetchone()[0]
+    assert status["download"]["pending"] == images and status["download"]["done"] == 0
