@@ -50,11 +50,16 @@ def run_ingest(cfg: Config, account: str, recorded: Path | None) -> list[stages.
     return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None)
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    results = run_ingest(cfg, args.account, args.recorded)
+def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
     report.print_rows(["stage", "done", "failed", "note"],
                       [[r.stage, r.done, r.failed, r.note] for r in results])
+    meta = catalog.meta(catalog.connect(cfg.data_dir))
+    print(f"models: CLIP {meta['clip_model']}, captioner {meta['captioner']}")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _print_results(cfg, run_ingest(cfg, args.account, args.recorded))
     return 0
 
 
@@ -125,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with demo.serve(demo.SAMPLE_DIR) as base_url:
         log.info("serving the sample profile on %s", base_url)
         recorded = demo.materialize(cfg.data_dir / "recorded" / demo.ACCOUNT, base_url)
-        run_ingest(cfg, demo.ACCOUNT, recorded)
+        _print_results(cfg, run_ingest(cfg, demo.ACCOUNT, recorded))
     sections = []
     for title, query, captions in [("Text → image (CLIP): 'a red circle'", "a red circle", False),
                                    ("Caption full-text (BM25): 'yellow square'", "yellow square", True)]:

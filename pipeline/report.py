@@ -32,8 +32,9 @@ def _cell(value: Any, width: int = 60) -> str:
 
 
 def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "table",
-               out: TextIO = sys.stdout) -> None:
+               out: TextIO | None = None) -> None:
     """Write rows as an aligned text table, JSON (a list of objects) or CSV."""
+    out = out or sys.stdout  # looked up now: tests and callers may have replaced it
     if fmt == "json":
         json.dump([{c: _plain(v) for c, v in zip(columns, row)} for row in rows], out, indent=2)
         out.write("\n")
@@ -51,7 +52,7 @@ def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str =
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
-def print_hits(hits: Sequence[Hit], fmt: str = "table", out: TextIO = sys.stdout) -> None:
+def print_hits(hits: Sequence[Hit], fmt: str = "table", out: TextIO | None = None) -> None:
     columns = ["rank", "score", "account", "shortcode", "caption", "path"]
     if fmt != "table":
         columns = list(Hit.__dataclass_fields__)

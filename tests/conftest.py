@@ -3,6 +3,11 @@ import pathlib
 
 import pytest
 
+# Prefect: no telemetry from an offline machine; quiet logs (its console handler
+# outlives pytest's captured streams)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 MODEL_CACHE = pathlib.Path(os.environ.get(
     "CLIPGRAM_TEST_MODEL_CACHE", pathlib.Path.home() / ".cache" / "clipgram" / "models"))
 

@@ -46,12 +46,12 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             resolved.arch, device=device, **kwargs)
-    except RuntimeError as e:
-        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
-            raise RuntimeError(
-                f"checkpoint {resolved.weights} does not fit architecture {resolved.arch}: {e}"
-            ) from None
-        raise
+    except (RuntimeError, AssertionError, KeyError) as e:
+        if resolved.weights is None:
+            raise
+        # open_clip reports shape mismatches as asserts, size-mismatch or missing-key errors
+        raise RuntimeError(f"checkpoint {resolved.weights} does not fit architecture "
+                           f"{resolved.arch}: {type(e).__name__}: {e}") from None
     finally:
         if offline and previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
