@@ -84,9 +84,8 @@ def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
                 encoder.model.encode_image(x)
     naive_s = _timed(naive)
 
-    cfg = load_config(overrides={"data": {"dir": str(data_dir)},
-                                 "embed": {"batch_size": batch_size, "num_workers": num_workers}},
-                      environ={})
+    cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "embed": {"batch_size": batch_size},
+                                 "decode": {"workers": num_workers}}, environ={})
     start = time.perf_counter()
     done = embed(data_dir, "bench", cfg, encoder).done  # JPEG files → Parquet, every stored image
     e2e_ips = done / (time.perf_counter() - start)

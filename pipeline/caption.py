@@ -20,6 +20,5 @@ def caption(data_dir: Path, account: str, cfg: Any) -> StageResult:
 
     return inference.run(
         data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess, rows,
-        batch_size=cfg.caption.batch_size, num_workers=cfg.embed.num_workers,
-        part_rows=cfg.embed.part_rows, max_pixels=cfg.download.max_image_pixels,
-        failed_row=lambda error: {"caption": None, "error": error})
+        device=model.device, settings=inference.loader_settings(cfg, "caption", model.device),
+        part_rows=cfg.embed.part_rows, failed_row=lambda error: {"caption": None, "error": error})

@@ -33,8 +33,33 @@ class Config(SimpleNamespace):
         return {name: dict(vars(section)) for name, section in vars(self).items()}
 
 
+def _auto(key: str, value: Any) -> Any:
+    """Keys whose default is "auto" take "auto", another word, a number or a boolean."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered.isdigit():
+            return int(lowered)
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return value
+    if isinstance(value, (bool, int)):
+        return value
+    raise ConfigError(f"{key}: expected \"auto\", a word, a number or true/false, got {value!r}")
+
+
+def auto_int(key: str, value: Any) -> int | None:
+    """A count that may be "auto" (→ None); anything else is an error naming the key."""
+    if value == "auto":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ConfigError(f"{key}: expected \"auto\" or a positive number, got {value!r}")
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check `value` against the type of the default, converting env strings."""
+    if default == "auto":
+        return _auto(key, value)
     kind = type(default)
     if isinstance(value, str) and kind is not str:
         try:

@@ -21,5 +21,5 @@ def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | No
 
     return inference.run(
         data_dir, "embed", account, tables.EMBEDDINGS, encoder.id, encoder.preprocess, rows,
-        batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers,
-        part_rows=cfg.embed.part_rows, max_pixels=cfg.download.max_image_pixels)
+        device=encoder.device, settings=inference.loader_settings(cfg, "embed", encoder.device),
+        part_rows=cfg.embed.part_rows)

@@ -3,45 +3,184 @@
 Work is keyed by image content: the to-do list is every downloaded sha256 of
 the account minus those already in the model's partition (an anti-join), so
 a rerun does only what is left and a repost is processed once.
+
+Throughput: DataLoader workers (one torch thread each) decode and preprocess
+while the model runs; on CUDA, JPEGs are instead read raw by the workers and
+decoded + resized on the GPU (nvjpeg), since at thousands of images a second
+CPU decoding cannot keep up. Batches that do not fit in GPU memory are split
+in half until they do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 from tqdm import tqdm
 
 from pipeline import images, tables
+from pipeline.config import ConfigError, auto_int
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.inference")
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+_CONVERSIONS = {"ToTensor", "MaybeToTensor", "MaybeConvertMode"}
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int
+    workers: int
+    gpu_decode: bool
+    max_pixels: int = 89_478_485
+
+
+def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSettings:
+    """Resolve the "auto" values of [decode] and [<stage>] batch_size for `device`."""
+    gpu = device.type == "cuda"
+    batch = auto_int(f"{stage}.batch_size", getattr(cfg, stage).batch_size)
+    if batch is None:
+        batch = {"embed": 256, "caption": 64}[stage] if gpu else {"embed": 32, "caption": 8}[stage]
+    workers = cfg.decode.workers
+    if workers == "auto":
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"decode.workers: expected \"auto\" or a count, got {workers!r}")
+    gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu) and gpu
+    return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels)
+
+
+def gpu_preprocess(preprocess: Callable) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+    """open_clip's CPU transform, mirrored on uint8 CHW tensors already on the GPU.
+
+    None when the transform holds a step this cannot mirror (images then decode on the CPU).
+    """
+    steps, normalize = [], None
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(t, (T.Resize, T.CenterCrop)):
+            steps.append(t)
+        elif isinstance(t, T.Normalize):
+            normalize = t
+        elif type(t).__name__ in _CONVERSIONS or getattr(t, "__name__", "") == "_convert_to_rgb":
+            continue  # mode / tensor conversions: decode_jpeg already gives RGB tensors
+        else:
+            return None
+    if normalize is None:
+        return None
+
+    def apply(decoded: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for img in decoded:
+            x = img.float()
+            for step in steps:
+                x = step(x)
+            out.append(x)
+        # PIL rounds and clips to 8 bits after resizing: do the same for parity
+        batch = torch.stack(out).round_().clamp_(0, 255).div_(255)
+        return normalize(batch)
+
+    return apply
+
 
 class ImageFiles(Dataset):
-    """Decodes and preprocesses stored images; a file that fails becomes an error string."""
+    """Each item: (index, preprocessed tensor | raw JPEG bytes, error). Errors never raise."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int):
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int, raw_jpeg: bool):
         self.paths, self.preprocess, self.max_pixels = paths, preprocess, max_pixels
+        self.raw_jpeg = raw_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def decode(self, i: int) -> torch.Tensor:
+        return self.preprocess(images.load_rgb(self.paths[i], self.max_pixels))
+
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocess(images.load_rgb(self.paths[i], self.max_pixels)), None
-        except (images.BadImage, OSError) as e:
+            if self.raw_jpeg and self.paths[i].suffix.lower() in JPEG_SUFFIXES:
+                # verified when downloaded (decompression-bomb guard included)
+                return i, torchvision.io.read_file(str(self.paths[i])), None
+            return i, self.decode(i), None
+        except (images.BadImage, OSError, RuntimeError) as e:
             return i, None, str(e)
 
 
-def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, t) for i, t, err in items if err is None]
-    failed = [(i, err) for i, _, err in items if err is not None]
-    tensor = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], tensor, failed
+def _collate(items: list) -> list:
+    return items  # tensors differ in kind and size; the loop sorts them out
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # N workers × all cores' threads would starve the model
+
+
+def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device):
+    """Yield (indices, batch on `device`, failures) for the whole dataset."""
+    to_gpu = gpu_preprocess(dataset.preprocess) if dataset.raw_jpeg else None
+    loader = DataLoader(
+        dataset, batch_size=settings.batch_size, num_workers=settings.workers,
+        collate_fn=_collate, worker_init_fn=_one_thread if settings.workers else None,
+        prefetch_factor=4 if settings.workers else None, persistent_workers=False)
+    for items in loader:
+        failures = [(i, err) for i, _, err in items if err is not None]
+        ready = [(i, t) for i, t, err in items if err is None and t.dtype != torch.uint8]
+        raw = [(i, t) for i, t, err in items if err is None and t.dtype == torch.uint8]
+        tensors = []
+        if ready:
+            cpu = torch.stack([t for _, t in ready])
+            if device.type == "cuda":
+                cpu = cpu.pin_memory()  # lets the copy overlap with compute
+            tensors = list(cpu.to(device, non_blocking=True).unbind(0))
+        indices = [i for i, _ in ready]
+        if raw:
+            try:
+                decoded = torchvision.io.decode_jpeg(
+                    [t for _, t in raw], mode=torchvision.io.ImageReadMode.RGB, device=device,
+                    apply_exif_orientation=True)
+                tensors.extend(to_gpu(decoded).unbind(0))
+                indices.extend(i for i, _ in raw)
+            except RuntimeError as e:  # one odd JPEG fails the whole batch: retry one by one on the CPU
+                log.debug("GPU decode failed (%s); decoding this batch on the CPU", e)
+                for i, _ in raw:
+                    try:
+                        tensors.append(dataset.decode(i).to(device))
+                        indices.append(i)
+                    except (images.BadImage, OSError) as err:
+                        failures.append((i, str(err)))
+        batch = torch.stack(tensors) if tensors else None
+        yield indices, batch, failures
+
+
+class HalveOnOOM:
+    """Call `fn` on the batch in chunks, halving the chunk size whenever CUDA runs out of memory."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], list], limit: int):
+        self.fn, self.limit = fn, limit
+
+    def __call__(self, batch: torch.Tensor) -> list:
+        out: list = []
+        start = 0
+        while start < len(batch):
+            chunk = batch[start:start + self.limit]
+            try:
+                out.extend(self.fn(chunk))
+            except torch.cuda.OutOfMemoryError:
+                if self.limit == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.limit //= 2
+                log.warning("CUDA out of memory: batch size lowered to %d", self.limit)
+                continue
+            start += len(chunk)
+        return out
 
 
 def pending(data_dir: Path, table: tables.Table, model_id: str, account: str) -> list[tuple[str, str]]:
@@ -64,16 +203,15 @@ def run(
     preprocess: Callable,
     model_fn: Callable[[torch.Tensor], list[dict[str, Any]]],
     *,
-    batch_size: int,
-    num_workers: int,
+    device: torch.device,
+    settings: LoaderSettings,
     part_rows: int,
-    max_pixels: int = 89_478_485,
     failed_row: Callable[[str], dict[str, Any]] | None = None,
 ) -> StageResult:
     """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows.
 
-    `model_fn` maps a batch tensor to one row (without sha256) per image. An
-    image that fails to decode is written as `failed_row(error)` when given,
+    `model_fn` maps a batch on `device` to one row (without sha256) per image.
+    An image that fails to decode is written as `failed_row(error)` when given,
     else logged and left pending.
     """
     todo = pending(data_dir, table, model_id, account)
@@ -81,15 +219,14 @@ def run(
     if not todo:
         return result.log()
     shas = [sha for sha, _ in todo]
-    dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=torch.cuda.is_available())
+    dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, settings.max_pixels,
+                         raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None)
+    call = HalveOnOOM(model_fn, settings.batch_size)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
-        for indices, tensor, failures in loader:
-            if tensor is not None:
-                for i, row in zip(indices, model_fn(tensor)):
-                    rows.append({"sha256": shas[i], **row})
+        for indices, batch, failures in batches(dataset, settings, device):
+            if batch is not None:
+                rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, call(batch)))
                 result.done += len(indices)
             for i, error in failures:
                 log.warning("%s %s: %s", stage, shas[i], error)

@@ -7,6 +7,7 @@ the chosen device. Another family plugs in by providing the same methods as
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -57,3 +58,19 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
             os.environ.pop("HF_HUB_OFFLINE", None)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(resolved.arch)
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); fp32 elsewhere unless asked."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"models.precision: expected auto, fp32, fp16 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=_DTYPES[precision])

@@ -8,26 +8,40 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pipeline.models import load, pick_device, resolve, tiny
+from pipeline.models import autocast, load, pick_device, resolve, tiny
 
 
 class ClipEncoder:
-    def __init__(self, resolved: resolve.Resolved, device: torch.device):
+    def __init__(self, resolved: resolve.Resolved, device: torch.device, *,
+                 precision: str = "auto", compile: bool = False, channels_last: bool = False):
         self.id = resolved.id
         self.device = device
+        self.precision = precision
         self.model, self.preprocess, self.tokenizer = load(resolved, device)
+        self._channels_last = channels_last
+        if channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+        self._encode_image = torch.compile(self.model.encode_image) if compile else self.model.encode_image
         self.dim = int(self.encode_text([""]).shape[1])
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> np.ndarray:
-        features = self.model.encode_image(batch.to(self.device, non_blocking=True), normalize=True)
-        return features.float().cpu().numpy()
+        """(N, 3, H, W) preprocessed images → (N, d) unit vectors, as float32."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self._channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            features = self._encode_image(batch)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+        with autocast(self.device, self.precision):
+            features = self.model.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
 def model_cache_dir(configured: str) -> Path:
@@ -35,12 +49,15 @@ def model_cache_dir(configured: str) -> Path:
 
 
 @lru_cache(maxsize=4)
-def _encoder(spec: str, default: str, cache_dir: str, device: str) -> ClipEncoder:
+def _encoder(spec: str, default: str, cache_dir: str, device: str, precision: str,
+             compile: bool, channels_last: bool) -> ClipEncoder:
     resolved = resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_CLIP,
                                cache_dir=model_cache_dir(cache_dir))
-    return ClipEncoder(resolved, pick_device(device))
+    return ClipEncoder(resolved, pick_device(device), precision=precision, compile=compile,
+                       channels_last=channels_last)
 
 
 def from_config(models: Any) -> ClipEncoder:
     """The encoder the `[models]` settings name (loaded once per process)."""
-    return _encoder(models.clip, models.default_clip, models.cache_dir, models.device)
+    return _encoder(models.clip, models.default_clip, models.cache_dir, models.device,
+                    models.precision, models.compile, models.channels_last)
