@@ -55,7 +55,8 @@ def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSetting
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"decode.workers: expected \"auto\" or a count, got {workers!r}")
-    gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu) and gpu
+    # true forces torchvision's decoder on any device (on the CPU: libjpeg-turbo, no Pillow)
+    gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu)
     return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels)
 
 
@@ -78,12 +79,17 @@ def gpu_preprocess(preprocess: Callable) -> Callable[[list[torch.Tensor]], torch
         return None
 
     def apply(decoded: list[torch.Tensor]) -> torch.Tensor:
-        out = []
-        for img in decoded:
-            x = img.float()
+        # images of one size (most of a feed: 1080×1080) are resized in one call
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(decoded):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(decoded)
+        for members in by_shape.values():
+            x = torch.stack([decoded[i] for i in members]).float()
             for step in steps:
                 x = step(x)
-            out.append(x)
+            for i, row in zip(members, x):
+                out[i] = row
         # PIL rounds and clips to 8 bits after resizing: do the same for parity
         batch = torch.stack(out).round_().clamp_(0, 255).div_(255)
         return normalize(batch)
@@ -114,8 +120,30 @@ class ImageFiles(Dataset):
             return i, None, str(e)
 
 
-def _collate(items: list) -> list:
-    return items  # tensors differ in kind and size; the loop sorts them out
+@dataclass
+class _Batch:
+    """A batch as few tensors: each tensor a worker sends costs a file descriptor."""
+
+    ready_idx: list[int]
+    ready: torch.Tensor | None          # preprocessed images, stacked
+    raw_idx: list[int]
+    raw: torch.Tensor | None            # JPEG files' bytes, end to end
+    raw_ends: list[int]
+    failures: list[tuple[int, str]]
+
+    def jpegs(self) -> list[torch.Tensor]:
+        starts = [0, *self.raw_ends[:-1]]
+        return [self.raw[a:b] for a, b in zip(starts, self.raw_ends)]
+
+
+def _collate(items: list) -> _Batch:
+    ready = [(i, t) for i, t, err in items if err is None and t.dtype != torch.uint8]
+    raw = [(i, t) for i, t, err in items if err is None and t.dtype == torch.uint8]
+    return _Batch(
+        [i for i, _ in ready], torch.stack([t for _, t in ready]) if ready else None,
+        [i for i, _ in raw], torch.cat([t for _, t in raw]) if raw else None,
+        torch.tensor([len(t) for _, t in raw], dtype=torch.long).cumsum(0).tolist(),
+        [(i, err) for i, _, err in items if err is not None])
 
 
 def _one_thread(_: int) -> None:
@@ -129,34 +157,27 @@ def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device)
         dataset, batch_size=settings.batch_size, num_workers=settings.workers,
         collate_fn=_collate, worker_init_fn=_one_thread if settings.workers else None,
         prefetch_factor=4 if settings.workers else None, persistent_workers=False)
-    for items in loader:
-        failures = [(i, err) for i, _, err in items if err is not None]
-        ready = [(i, t) for i, t, err in items if err is None and t.dtype != torch.uint8]
-        raw = [(i, t) for i, t, err in items if err is None and t.dtype == torch.uint8]
-        tensors = []
-        if ready:
-            cpu = torch.stack([t for _, t in ready])
-            if device.type == "cuda":
-                cpu = cpu.pin_memory()  # lets the copy overlap with compute
-            tensors = list(cpu.to(device, non_blocking=True).unbind(0))
-        indices = [i for i, _ in ready]
-        if raw:
+    for b in loader:
+        failures, parts, indices = list(b.failures), [], list(b.ready_idx)
+        if b.ready is not None:
+            cpu = b.ready.pin_memory() if device.type == "cuda" else b.ready  # async copy
+            parts.append(cpu.to(device, non_blocking=True))
+        if b.raw is not None:
             try:
                 decoded = torchvision.io.decode_jpeg(
-                    [t for _, t in raw], mode=torchvision.io.ImageReadMode.RGB, device=device,
+                    b.jpegs(), mode=torchvision.io.ImageReadMode.RGB, device=device,
                     apply_exif_orientation=True)
-                tensors.extend(to_gpu(decoded).unbind(0))
-                indices.extend(i for i, _ in raw)
+                parts.append(to_gpu(decoded))
+                indices.extend(b.raw_idx)
             except RuntimeError as e:  # one odd JPEG fails the whole batch: retry one by one on the CPU
-                log.debug("GPU decode failed (%s); decoding this batch on the CPU", e)
-                for i, _ in raw:
+                log.debug("JPEG batch decode failed (%s); decoding this batch with Pillow", e)
+                for i in b.raw_idx:
                     try:
-                        tensors.append(dataset.decode(i).to(device))
+                        parts.append(dataset.decode(i).unsqueeze(0).to(device))
                         indices.append(i)
                     except (images.BadImage, OSError) as err:
                         failures.append((i, str(err)))
-        batch = torch.stack(tensors) if tensors else None
-        yield indices, batch, failures
+        yield indices, torch.cat(parts) if parts else None, failures
 
 
 class HalveOnOOM:
