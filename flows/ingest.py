@@ -15,6 +15,8 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgram")  # stage logs in the Prefect UI
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # clipgram runs offline too
+# stage functions log outside flow runs too (tests, `clipgram status`): that is not an error
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from prefect import flow, task  # noqa: E402
 

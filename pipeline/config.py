@@ -33,34 +33,19 @@ class Config(SimpleNamespace):
         return {name: dict(vars(section)) for name, section in vars(self).items()}
 
 
-def _auto(key: str, value: Any) -> Any:
-    """Keys whose default is "auto" take "auto", another word, a number or a boolean."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered.isdigit():
-            return int(lowered)
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return value
-    if isinstance(value, (bool, int)):
-        return value
-    raise ConfigError(f"{key}: expected \"auto\", a word, a number or true/false, got {value!r}")
+# Keys whose default is "auto" and whose other values are not words: the type they take.
+AUTO_TYPES: dict[str, type] = {
+    "decode.workers": int, "decode.gpu": bool, "embed.batch_size": int, "caption.batch_size": int,
+}
+# Keys that take one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "models.precision": ("auto", "fp32", "fp16", "bf16"),
+    "caption.generation": ("beam_search", "top_p", "top_k"),
+}
 
 
-def auto_int(key: str, value: Any) -> int | None:
-    """A count that may be "auto" (→ None); anything else is an error naming the key."""
-    if value == "auto":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    raise ConfigError(f"{key}: expected \"auto\" or a positive number, got {value!r}")
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check `value` against the type of the default, converting env strings."""
-    if default == "auto":
-        return _auto(key, value)
-    kind = type(default)
+def _convert(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind`, converting the strings environment variables give; else ConfigError."""
     if isinstance(value, str) and kind is not str:
         try:
             if kind is bool:
@@ -75,6 +60,21 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check `value` against the key's type (that of its default, or AUTO_TYPES)."""
+    if key in AUTO_TYPES:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        value = _convert(key, value, AUTO_TYPES[key])
+        if AUTO_TYPES[key] is int and value < (0 if key == "decode.workers" else 1):
+            raise ConfigError(f"{key}: expected \"auto\" or a count, got {value!r}")
+        return value
+    value = _convert(key, value, type(default))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     return value
 
 

@@ -14,6 +14,7 @@ in half until they do.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from pipeline import images, tables
-from pipeline.config import ConfigError, auto_int
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.inference")
@@ -47,14 +47,12 @@ class LoaderSettings:
 def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSettings:
     """Resolve the "auto" values of [decode] and [<stage>] batch_size for `device`."""
     gpu = device.type == "cuda"
-    batch = auto_int(f"{stage}.batch_size", getattr(cfg, stage).batch_size)
-    if batch is None:
+    batch = getattr(cfg, stage).batch_size
+    if batch == "auto":
         batch = {"embed": 256, "caption": 64}[stage] if gpu else {"embed": 32, "caption": 8}[stage]
     workers = cfg.decode.workers
     if workers == "auto":
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise ConfigError(f"decode.workers: expected \"auto\" or a count, got {workers!r}")
     # true forces torchvision's decoder on any device (on the CPU: libjpeg-turbo, no Pillow)
     gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu)
     return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels)
@@ -150,13 +148,26 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # N workers × all cores' threads would starve the model
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where decode workers come from: a fork server, with this module (and torch) preloaded.
+
+    Plain fork copies the caller's atexit hooks: under Prefect, its log and event
+    services' hooks then fail in every worker at exit (exit code 1), and a
+    forked process never holds the threads those hooks expect.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device):
     """Yield (indices, batch on `device`, failures) for the whole dataset."""
     to_gpu = gpu_preprocess(dataset.preprocess) if dataset.raw_jpeg else None
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, num_workers=settings.workers,
         collate_fn=_collate, worker_init_fn=_one_thread if settings.workers else None,
-        prefetch_factor=4 if settings.workers else None, persistent_workers=False)
+        prefetch_factor=4 if settings.workers else None, persistent_workers=False,
+        multiprocessing_context=_worker_context() if settings.workers else None)
     for b in loader:
         failures, parts, indices = list(b.failures), [], list(b.ready_idx)
         if b.ready is not None:

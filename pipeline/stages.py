@@ -36,7 +36,8 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
             for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
         emb AS (SELECT DISTINCT sha256 FROM ({emb})),
-        cap AS (SELECT sha256, any_value(error) AS error FROM ({cap}) GROUP BY sha256)
+        cap AS (SELECT sha256, any_value(error) AS error FROM ({cap}) GROUP BY sha256),
+        counts(account, stage, done, pending, failed, last_error) AS (
         SELECT account, 'scrape', count(*), 0, 0, NULL FROM posts GROUP BY account
         UNION ALL
         SELECT account, 'download', count(*) FILTER (status = 'done'),
@@ -49,6 +50,7 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
         UNION ALL
         SELECT account, 'caption', count(cap.sha256) FILTER (cap.error IS NULL),
                count(*) - count(cap.sha256), count(cap.error), any_value(cap.error)
-        FROM images LEFT JOIN cap USING (sha256) GROUP BY account
-        ORDER BY 1, array_position(['scrape', 'download', 'embed', 'caption'], 2)
+        FROM images LEFT JOIN cap USING (sha256) GROUP BY account)
+        SELECT * FROM counts
+        ORDER BY account, array_position(['scrape', 'download', 'embed', 'caption'], stage)
     """).fetchall()]

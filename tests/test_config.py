@@ -42,4 +42,22 @@ def test_bad_file_names_the_key(tmp_path, text, message):
 
 
 def test_unrelated_env_is_ignored():
-    assert load_config(environ={"CLIPGRAM_TEST_MODEL_CACHE": "/x"}).embed.batch_size > 0
+    assert load_config(environ={"CLIPGRAM_TEST_MODEL_CACHE": "/x"}).as_dict() == load_config(environ={}).as_dict()
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"CLIPGRAM_EMBED_BATCH_SIZE": "auto"}, "auto"),
+    ({"CLIPGRAM_EMBED_BATCH_SIZE": "64"}, 64),
+])
+def test_auto_keys_take_auto_or_their_type(environ, expected):
+    assert load_config(environ=environ).embed.batch_size == expected
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"CLIPGRAM_EMBED_BATCH_SIZE": "0"}, "embed.batch_size"),
+    ({"CLIPGRAM_DECODE_GPU": "maybe"}, "decode.gpu: expected bool"),
+    ({"CLIPGRAM_MODELS_PRECISION": "fp8"}, "models.precision: expected one of"),
+])
+def test_auto_keys_and_choices_refuse_other_values(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ=environ)
