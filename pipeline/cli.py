@@ -132,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recorded = demo.materialize(cfg.data_dir / "recorded" / demo.ACCOUNT, base_url)
         _print_results(cfg, run_ingest(cfg, demo.ACCOUNT, recorded))
     sections = []
-    for title, query, captions in [("Text → image (CLIP): 'a red circle'", "a red circle", False),
+    for title, query, captions in [("Text → image (CLIP): 'a blue circle'", "a blue circle", False),
                                    ("Caption full-text (BM25): 'yellow square'", "yellow square", True)]:
         print(f"\n== {title}")
         hits = _search(cfg, query, 5, captions)
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
         RecordedDataIncomplete, duckdb.Error, FileNotFoundError)
