@@ -168,7 +168,9 @@ class Walk:
             self.seen.add(post.shortcode)
             self.newest = max(self.newest or taken_at, taken_at)
             maybe_pinned = position < MAX_PINNED or post.is_pinned  # out of date order
-            if self.stop_at is not None and taken_at <= self.stop_at and not maybe_pinned:
+            if self.stop_at is not None and taken_at <= self.stop_at:
+                if maybe_pinned:  # an old post pinned on top: covered already, never the end
+                    continue
                 self.ended_by = "known"
                 return
             if self.since is not None and taken_at < self.since:
@@ -236,7 +238,7 @@ def _scrape(data_dir: Path, account: str, recorded: Path | None, settings: Scrap
         if source is None:
             source = load_recorded(recorded) if recorded is not None else live_source(account, settings)
         profile, posts = source
-    except (instaloader.InstaloaderException, session.RateLimited) as e:
+    except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
         raise session.explain(e, account, settings.session_user) from None
 
     walk = Walk(known, None if settings.full else before, settings.since, settings.limit)
@@ -261,7 +263,7 @@ def _scrape(data_dir: Path, account: str, recorded: Path | None, settings: Scrap
             media_batch.extend(media_rows(post))
             if len(post_batch) >= FLUSH_POSTS:
                 flush()
-    except (instaloader.InstaloaderException, session.RateLimited) as e:
+    except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
         error = e
     flush()  # whatever happened, keep what was fetched
 
