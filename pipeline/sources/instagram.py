@@ -148,9 +148,10 @@ class Walk:
     """One pass down a profile's post list (pinned posts first, then newest first).
 
     `stop_at` is the cursor: the walk ends at the first post (outside the pinned
-    slots) taken at or before it. Without one it goes to the end of the profile.
-    Known posts are skipped, never taken as the end: an interrupted walk may
-    have stored newer posts above a gap.
+    slots) taken at or before it; older posts in the pinned slots are skipped.
+    Without a cursor it goes to the end of the profile. Known posts are
+    skipped, never taken as the end: an interrupted walk may have stored newer
+    posts above a gap.
     """
 
     known: set[str]
