@@ -26,7 +26,9 @@ from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.embed import embed  # noqa: E402
 from pipeline.models import captioner, clip  # noqa: E402
 from pipeline.sources import collect  # noqa: E402
+from pipeline.sources.instagram import RecordedDataIncomplete  # noqa: E402
 from pipeline.sources.session import ScrapeError  # noqa: E402
+from pipeline.sources.urls import BadUrlList  # noqa: E402
 
 Settings = dict[str, dict[str, Any]]
 
@@ -36,11 +38,13 @@ def _config(settings: Settings) -> Config:
 
 
 def _retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
-    # a missing profile or a login problem stays the same a minute later
+    # a missing profile, a login wall or a bad input file is the same a minute later
     try:
         state.result()
-    except ScrapeError:
+    except (RecordedDataIncomplete, BadUrlList, FileNotFoundError):
         return False
+    except ScrapeError as e:
+        return not e.final
     except Exception:
         return True
     return False

@@ -131,3 +131,22 @@ def test_cli_ingests_a_url_list_served_locally(prefect_harness, make_config, tmp
     status = dict(con.execute("SELECT url, status FROM media WHERE account = 'picks'").fetchall())
     assert sorted(status.values()) == ["done", "done", "failed"]
     assert catalog.connect(allowed).execute("SELECT count(*) FROM embeddings").fetchone() == (2,)
+
+
+def test_inputs_that_cannot_work_fail_the_flow_at_once_without_retries(prefect_harness, make_config, tmp_path):
+    import time
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"link": "nope"}]')
+    cfg = make_config(tmp_path / "data")
+    start = time.monotonic()
+    with pytest.raises(urls.BadUrlList):
+        ingest_account("bad", cfg.as_dict(), source=str(bad))
+    assert time.monotonic() - start < 10  # the scrape task's retries wait 10 s, then 60 s
+
+
+def test_cli_refuses_a_bad_since_date_and_a_stray_as(tmp_path, capsys):
+    assert main(["ingest", "nasa", "--since", "last week", "--data-dir", str(tmp_path)]) == 2
+    assert "scrape.since: expected a date like 2024-01-31" in capsys.readouterr().err
+    assert main(["ingest", "nasa", "--as", "x", "--data-dir", str(tmp_path)]) == 2
+    assert "--as names a folder or URL list" in capsys.readouterr().err

@@ -24,7 +24,14 @@ log = logging.getLogger("clipgram.scrape")
 
 
 class ScrapeError(RuntimeError):
-    """A scrape that cannot go on; the message says what happened and what to do."""
+    """A scrape that cannot go on; the message says what happened and what to do.
+
+    `final`: retrying in a minute would fail the same way (a missing profile, a login wall).
+    """
+
+    def __init__(self, message: str, final: bool = True):
+        super().__init__(message)
+        self.final = final
 
 
 class RateLimited(instaloader.AbortDownloadException):
@@ -151,4 +158,4 @@ def explain(error: BaseException, account: str, session_user: str) -> ScrapeErro
     if is_rate_limit(error):
         return ScrapeError(f"Instagram is rate-limiting requests ({who}): wait an hour before the "
                            "next run, and run one scrape per session at a time")
-    return ScrapeError(f"scraping {account!r} failed ({who}): {text}")
+    return ScrapeError(f"scraping {account!r} failed ({who}): {text}", final=False)
