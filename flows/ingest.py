@@ -25,7 +25,10 @@ from pipeline.caption import caption  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.embed import embed  # noqa: E402
 from pipeline.models import captioner, clip  # noqa: E402
-from pipeline.sources import instagram  # noqa: E402
+from pipeline.sources import collect  # noqa: E402
+from pipeline.sources.instagram import RecordedDataIncomplete  # noqa: E402
+from pipeline.sources.session import ScrapeError  # noqa: E402
+from pipeline.sources.urls import BadUrlList  # noqa: E402
 
 Settings = dict[str, dict[str, Any]]
 
@@ -34,19 +37,31 @@ def _config(settings: Settings) -> Config:
     return load_config(overrides=settings, environ={})
 
 
-@task(name="scrape", retries=2, retry_delay_seconds=[10, 60])
-def scrape_task(account: str, settings: Settings, recorded: str | None) -> stages.StageResult:
+def _retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
+    # a missing profile, a login wall or a bad input file is the same a minute later
+    try:
+        state.result()
+    except (RecordedDataIncomplete, BadUrlList, FileNotFoundError):
+        return False
+    except ScrapeError as e:
+        return not e.final
+    except Exception:
+        return True
+    return False
+
+
+@task(name="scrape", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_unless_final)
+def scrape_task(account: str, settings: Settings, recorded: str | None,
+                source: str | None = None) -> stages.StageResult:
     cfg = _config(settings)
-    return instagram.scrape(cfg.data_dir, account, Path(recorded) if recorded else None,
-                            limit=cfg.scrape.limit, session_user=cfg.scrape.session_user)
+    return collect(cfg, account, Path(recorded) if recorded else None,
+                   Path(source) if source else None)
 
 
 @task(name="download", retries=2, retry_delay_seconds=[5, 30])
 def download_task(account: str, settings: Settings) -> stages.StageResult:
     cfg = _config(settings)
-    d = cfg.download
-    return download.download(cfg.data_dir, account, download.DownloadSettings(
-        d.concurrency, d.timeout_s, d.retries, d.max_image_pixels))
+    return download.download(cfg.data_dir, account, download.DownloadSettings.from_config(cfg))
 
 
 @task(name="embed")
@@ -71,10 +86,11 @@ def publish_task(account: str, settings: Settings) -> stages.StageResult:
 
 @flow(name="ingest-account")
 def ingest_account(account: str, settings: Settings | None = None,
-                   recorded: str | None = None) -> list[stages.StageResult]:
-    """Ingest one Instagram account (live, or recorded instaloader JSON in `recorded`)."""
+                   recorded: str | None = None, source: str | None = None) -> list[stages.StageResult]:
+    """Ingest one account: Instagram (live, or recorded instaloader JSON in `recorded`),
+    or a folder of images or a URL list file (`source`) under the name `account`."""
     settings = settings or load_config().as_dict()
-    results = [scrape_task(account, settings, recorded), download_task(account, settings)]
+    results = [scrape_task(account, settings, recorded, source), download_task(account, settings)]
     results.append(embed_task(account, settings))
     results.append(caption_task(account, settings))
     results.append(publish_task(account, settings))

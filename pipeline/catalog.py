@@ -48,6 +48,7 @@ def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
     views = {
         "posts": tables.latest_sql(tables.POSTS, data_dir, root),
         "media": tables.latest_sql(tables.MEDIA, data_dir, root),
+        "profiles": tables.latest_sql(tables.PROFILES, data_dir, root),
         "embeddings": (
             f"SELECT sha256, model, embedding::FLOAT[{dim}] AS embedding "
             f"FROM ({tables.scan_sql(tables.EMBEDDINGS, data_dir, root, clip_id)})"

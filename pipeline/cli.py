@@ -15,6 +15,8 @@ from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
 from pipeline.models import clip
 from pipeline.models.resolve import WeightsUnavailable
 from pipeline.sources.instagram import RecordedDataIncomplete
+from pipeline.sources.session import ScrapeError
+from pipeline.sources.urls import BadUrlList
 
 log = logging.getLogger("clipgram")
 
@@ -27,6 +29,12 @@ FLAGS = {
     "batch_size": ("embed", "batch_size"),
     "concurrency": ("download", "concurrency"),
     "limit": ("scrape", "limit"),
+    "since": ("scrape", "since"),
+    "full": ("scrape", "full"),
+    "session": ("scrape", "session_user"),
+    "session_dir": ("scrape", "session_dir"),
+    "videos": ("download", "videos"),
+    "allow_private_network": ("download", "allow_private_network"),
 }
 
 
@@ -44,10 +52,12 @@ def _format(args: argparse.Namespace) -> str:
     return "json" if getattr(args, "json", False) else "csv" if getattr(args, "csv", False) else "table"
 
 
-def run_ingest(cfg: Config, account: str, recorded: Path | None) -> list[stages.StageResult]:
+def run_ingest(cfg: Config, account: str, recorded: Path | None,
+               source: Path | None = None) -> list[stages.StageResult]:
     from flows.ingest import ingest_account  # Prefect is slow to import: only when needed
 
-    return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None)
+    return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None,
+                          str(source) if source else None)
 
 
 def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
@@ -58,8 +68,35 @@ def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline import sources, tables
+
     cfg = _config(args)
+    sources.parse_since(cfg.scrape.since)  # a bad date fails before any work starts
+    target = Path(args.account).expanduser()
+    if args.recorded is None and target.exists():  # a folder of images or a URL list
+        account = sources.account_for(target, args.as_name)
+        try:
+            tables.check_partition_value(account)
+        except ValueError as e:
+            raise ConfigError(f"{e}; name the account with --as NAME") from None
+        log.info("ingesting %s %s as account %s", "folder" if target.is_dir() else "URL list",
+                 target, account)
+        _print_results(cfg, run_ingest(cfg, account, None, target.resolve()))
+        return 0
+    if args.as_name:
+        raise ConfigError(f"--as names a folder or URL list, and {args.account} is neither "
+                          "(for an Instagram profile the account is its username)")
     _print_results(cfg, run_ingest(cfg, args.account, args.recorded))
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from pipeline.sources import session
+
+    cfg = _config(args)
+    path = session.login(args.user, cfg.scrape.session_dir)
+    print(f"session saved to {path}; ingest with --session {args.user} "
+          f"(or set scrape.session_user = \"{args.user}\")")
     return 0
 
 
@@ -164,12 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", parents=[common], help="scrape, download, embed, caption, publish")
-    p.add_argument("account", help="Instagram username")
+    p.add_argument("account", help="Instagram username, a folder of images, or a URL list file "
+                   "(one URL per line, or JSON)")
+    p.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="account name for a folder or URL list (default: its name)")
     p.add_argument("--recorded", type=Path, help="read the profile from instaloader JSON files here")
-    p.add_argument("--limit", type=int, help="at most N new posts")
+    p.add_argument("--limit", type=int, help="at most N new posts this run")
+    p.add_argument("--since", metavar="DATE", help="no posts older than DATE (e.g. 2024-01-31)")
+    p.add_argument("--full", action="store_true", default=None,
+                   help="walk the whole profile, not only posts newer than the last run's")
+    p.add_argument("--session", metavar="USER", help="use USER's session (see `clipgram login`)")
+    p.add_argument("--session-dir", help="where session files live (default instaloader's)")
+    p.add_argument("--videos", action="store_true", default=None,
+                   help="also download videos (thumbnails always are)")
+    p.add_argument("--allow-private-network", action="store_true", default=None,
+                   help="allow URLs and redirects into loopback/private networks")
     p.add_argument("--batch-size", type=int, help="embedding batch size")
     p.add_argument("--concurrency", type=int, help="parallel downloads")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("login", parents=[common],
+                       help="log in to Instagram and save an instaloader session file")
+    p.add_argument("user", help="your Instagram username (the password is asked, never stored)")
+    p.add_argument("--session-dir", help="where to save it (default instaloader's)")
+    p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("search", parents=[common, out], help="text → image search")
     p.add_argument("query")
@@ -197,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
-        RecordedDataIncomplete, duckdb.Error, FileNotFoundError)
+        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList)
     try:
         return args.func(args)
     except errors as e:

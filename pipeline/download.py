@@ -4,20 +4,28 @@ Each file streams to a temp file while being hashed, is decoded in full to
 prove it is an image, then is renamed to `media/<sha[:2]>/<sha>.<ext>`. The same
 picture under two URLs is stored once. A failure is recorded on the media row
 with its reason; it never stops the other downloads.
+
+Only http(s) is fetched, and redirects are followed by hand so that every hop
+is checked: a URL from a scraped profile may not point into the local network
+(loopback, private, link-local) unless `allow_private_network` is set.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import random
+import socket
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 from tqdm import tqdm
@@ -27,7 +35,8 @@ from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.download")
 
-FLUSH_EVERY = 256  # media rows per written part: a killed run keeps what it finished
+FLUSH_EVERY = 256   # media rows per written part: a killed run keeps what it finished
+FLUSH_EVERY_S = 10  # …or seconds, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -36,29 +45,83 @@ class DownloadSettings:
     timeout_s: float = 30.0
     retries: int = 3
     max_image_pixels: int = 89_478_485
+    allow_private_network: bool = False  # URLs (and redirects) into loopback/private networks
+    videos: bool = False                 # also fetch the video behind a video's thumbnail
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DownloadSettings":
+        d = cfg.download
+        return cls(d.concurrency, d.timeout_s, d.retries, d.max_image_pixels,
+                   d.allow_private_network, d.videos)
 
 
 class DownloadError(Exception):
     pass
 
 
+MAX_REDIRECTS = 5
+STALE_TEMP_S = 3600  # temp files this old are left over from a killed run
+
+
+@functools.lru_cache(maxsize=1024)
+def _addresses(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    try:
+        return (ipaddress.ip_address(host),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return ()  # the request itself reports the DNS failure
+    return tuple({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos})
+
+
+def check_url(url: str, allow_private_network: bool) -> httpx.URL:
+    """The URL if clipgram may fetch it; DownloadError saying why not otherwise."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        raise DownloadError(f"not a valid URL: {url!r}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise DownloadError(f"refusing non-http(s) URL {url!r}")
+    if not allow_private_network:
+        for address in _addresses(parsed.host):
+            if not address.is_global:
+                raise DownloadError(
+                    f"refusing {url}: {parsed.host} is a local or private address ({address}); "
+                    "set --allow-private-network (download.allow_private_network) to allow it")
+    return parsed
+
+
+def _get(client: httpx.Client, url: str, out: BinaryIO, settings: DownloadSettings) -> str:
+    """Stream `url` (following checked redirects) into `out`; return the sha256."""
+    for _ in range(MAX_REDIRECTS + 1):
+        target = check_url(url, settings.allow_private_network)
+        with client.stream("GET", target) as response:
+            if response.is_redirect:
+                url = str(response.url.join(response.headers.get("location", "")))
+                continue
+            if response.status_code >= 400:
+                raise httpx.HTTPStatusError(
+                    f"HTTP {response.status_code}", request=response.request, response=response)
+            digest = hashlib.sha256()
+            out.seek(0)
+            out.truncate()
+            for chunk in response.iter_bytes(1 << 16):
+                digest.update(chunk)
+                out.write(chunk)
+            return digest.hexdigest()
+    raise DownloadError(f"more than {MAX_REDIRECTS} redirects from {url}")
+
+
 def _fetch(client: httpx.Client, url: str, tmp_dir: Path, settings: DownloadSettings) -> tuple[Path, str]:
     """Stream `url` into a temp file; return it and its sha256. Retries transient failures."""
-    if not url.startswith(("http://", "https://")):
-        raise DownloadError(f"refusing non-http(s) URL {url!r}")
     for attempt in range(settings.retries + 1):
         fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=".download-", suffix=".tmp")
         tmp = Path(name)
         try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f, client.stream("GET", url) as response:
-                if response.status_code >= 400:
-                    raise httpx.HTTPStatusError(
-                        f"HTTP {response.status_code}", request=response.request, response=response)
-                for chunk in response.iter_bytes(1 << 16):
-                    digest.update(chunk)
-                    f.write(chunk)
-            return tmp, digest.hexdigest()
+            with os.fdopen(fd, "wb") as f:
+                return tmp, _get(client, url, f, settings)
         except (httpx.TransportError, httpx.HTTPStatusError) as e:
             tmp.unlink(missing_ok=True)
             status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else None
@@ -72,6 +135,18 @@ def _fetch(client: httpx.Client, url: str, tmp_dir: Path, settings: DownloadSett
     raise AssertionError("unreachable")
 
 
+def _move_into_store(tmp: Path, sha: str, extension: str, data_dir: Path) -> Path:
+    """Rename `tmp` to its content address (or drop it: the same bytes are stored)."""
+    rel = Path("media") / sha[:2] / f"{sha}.{extension}"
+    final = data_dir / rel
+    if final.exists():
+        tmp.unlink()  # the same file, already stored
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    return rel
+
+
 def _store(tmp: Path, sha: str, data_dir: Path, max_pixels: int) -> dict[str, Any]:
     """Verify the temp file decodes, then move it into the content-addressed store."""
     try:
@@ -79,52 +154,75 @@ def _store(tmp: Path, sha: str, data_dir: Path, max_pixels: int) -> dict[str, An
     except images.BadImage:
         tmp.unlink(missing_ok=True)
         raise
-    rel = Path("media") / sha[:2] / f"{sha}.{info.extension}"
-    final = data_dir / rel
     size = tmp.stat().st_size
-    if final.exists():
-        tmp.unlink()  # the same picture, already stored
-    else:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+    rel = _move_into_store(tmp, sha, info.extension, data_dir)
     return {"sha256": sha, "path": str(rel), "width": info.width, "height": info.height,
             "bytes": size}
+
+
+def import_file(source: Path, data_dir: Path, max_pixels: int) -> dict[str, Any]:
+    """Copy a local image into the store (verified, content-addressed): the row's file facts."""
+    fd, name = tempfile.mkstemp(dir=data_dir / "media", prefix=".import-", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        return _store(tmp, digest.hexdigest(), data_dir, max_pixels)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fetch_video(client: httpx.Client, url: str, data_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
+    tmp, sha = _fetch(client, url, data_dir / "media", settings)
+    with open(tmp, "rb") as f:
+        head = f.read(12)
+    if head[4:8] != b"ftyp":  # every MP4/MOV starts with an ftyp box
+        tmp.unlink()
+        raise DownloadError("video: not an MP4 file")
+    return {"video_sha256": sha, "video_path": str(_move_into_store(tmp, sha, "mp4", data_dir))}
 
 
 def download_one(client: httpx.Client, row: dict[str, Any], data_dir: Path,
                  settings: DownloadSettings) -> dict[str, Any]:
     """The media row after an attempt: status done with the file's facts, or failed with why."""
-    tmp_dir = data_dir / "media"
-    try:
-        tmp, sha = _fetch(client, row["url"], tmp_dir, settings)
-        return {**row, **_store(tmp, sha, data_dir, settings.max_image_pixels),
-                "status": "done", "error": None}
-    except (DownloadError, images.BadImage) as e:
-        return {**row, "status": "failed", "error": str(e)}
+    if row["status"] != "done" or not (data_dir / str(row["path"])).exists():
+        try:
+            tmp, sha = _fetch(client, row["url"], data_dir / "media", settings)
+            row = {**row, **_store(tmp, sha, data_dir, settings.max_image_pixels),
+                   "status": "done", "error": None}
+        except (DownloadError, images.BadImage) as e:
+            return {**row, "status": "failed", "error": str(e)}
+    if settings.videos and row.get("video_url") and not row.get("video_sha256"):
+        try:
+            row = {**row, **_fetch_video(client, row["video_url"], data_dir, settings), "error": None}
+        except DownloadError as e:  # the thumbnail is still good: keep it, say why the video is not
+            row = {**row, "error": f"video: {e}" if not str(e).startswith("video") else str(e)}
+    return row
 
 
-def download(data_dir: Path, account: str, settings: DownloadSettings = DownloadSettings()) -> StageResult:
-    """Download every pending image of `account`."""
-    con = tables.connect(data_dir)
-    columns = [f.name for f in tables.MEDIA.schema if f.name != "updated_at"]
-    todo = [dict(zip(columns, r)) for r in con.execute(
-        f"SELECT {', '.join(columns)} FROM media WHERE account = ? AND status = 'pending' "
-        "ORDER BY media_id", [account]).fetchall()]
-    result = StageResult("download", account)
-    if not todo:
+def process(data_dir: Path, account: str, stage: str, rows: list[dict[str, Any]],
+            work: Callable[[dict[str, Any]], dict[str, Any]], concurrency: int) -> StageResult:
+    """Run `work` on every media row in a thread pool, writing the results as they finish."""
+    result = StageResult(stage, account)
+    if not rows:
         return result.log()
     (data_dir / "media").mkdir(parents=True, exist_ok=True)
     finished: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
 
     def flush() -> None:
+        nonlocal last_flush
         tables.write_part(data_dir, tables.MEDIA, account, finished)
         finished.clear()
+        last_flush = time.monotonic()
 
-    limits = httpx.Limits(max_connections=settings.concurrency)
-    with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=True) as client, \
-            ThreadPoolExecutor(settings.concurrency, thread_name_prefix="download") as pool, \
-            tqdm(total=len(todo), desc=f"download {account}", unit="img") as bar:
-        futures = [pool.submit(download_one, client, row, data_dir, settings) for row in todo]
+    with ThreadPoolExecutor(concurrency, thread_name_prefix=stage) as pool, \
+            tqdm(total=len(rows), desc=f"{stage} {account}", unit="img") as bar:
+        futures = [pool.submit(work, row) for row in rows]
         try:
             for future in as_completed(futures):
                 row = future.result()
@@ -135,10 +233,55 @@ def download(data_dir: Path, account: str, settings: DownloadSettings = Download
                     result.failed += 1
                     log.warning("%s: %s (%s)", row["media_id"], row["error"], row["url"])
                 bar.update()
-                if len(finished) >= FLUSH_EVERY:
+                # by count and by time: a killed run keeps what it finished
+                if len(finished) >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_EVERY_S:
                     flush()
         finally:
             for future in futures:
                 future.cancel()
             flush()
     return result.log()
+
+
+def _clean_stale_temp_files(media_dir: Path) -> None:
+    cutoff = time.time() - STALE_TEMP_S
+    for tmp in media_dir.glob(".*.tmp"):
+        if tmp.stat().st_mtime < cutoff:
+            tmp.unlink(missing_ok=True)
+
+
+def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
+    """Pending rows, rows whose file left the store, and (with videos) videos not fetched yet.
+
+    A URL already downloaded for any account is filled in from that row instead
+    of being fetched again.
+    """
+    con = tables.connect(data_dir)
+    columns = [f.name for f in tables.MEDIA.schema if f.name != "updated_at"]
+    rows = [row for row in (dict(zip(columns, r)) for r in con.execute(
+        f"SELECT {', '.join(columns)} FROM media WHERE account = ? AND status IN ('pending', 'done') "
+        "ORDER BY media_id", [account]).fetchall())
+        if row["status"] == "pending" or not (data_dir / row["path"]).exists()
+        or (videos and row["video_url"] and not row["video_sha256"])]
+    known = {url: dict(zip(("sha256", "path", "width", "height", "bytes"), facts))
+             for url, *facts in con.execute(
+                 "SELECT url, any_value(sha256), any_value(path), any_value(width), "
+                 "any_value(height), any_value(bytes) FROM media WHERE status = 'done' GROUP BY url"
+             ).fetchall()}
+    for row in rows:
+        facts = known.get(row["url"])
+        if row["status"] == "pending" and facts and (data_dir / facts["path"]).exists():
+            row.update(facts, status="done", error=None)
+    return rows
+
+
+def download(data_dir: Path, account: str, settings: DownloadSettings = DownloadSettings()) -> StageResult:
+    """Download every pending image of `account` (and its videos, with `settings.videos`)."""
+    todo = _todo(data_dir, account, settings.videos)
+    if (data_dir / "media").is_dir():
+        _clean_stale_temp_files(data_dir / "media")
+    limits = httpx.Limits(max_connections=settings.concurrency,
+                          max_keepalive_connections=settings.concurrency)
+    with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=False) as client:
+        return process(data_dir, account, "download", todo,
+                       lambda row: download_one(client, row, data_dir, settings), settings.concurrency)

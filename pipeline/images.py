@@ -37,9 +37,20 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
+        raise BadImage(f"not an image: {_sniff(path)}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image header: {e}") from None
+
+
+def _sniff(path: Path) -> str:
+    """What the bytes look like, for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
+        return "an HTML page (a login wall or an error page?)"
+    if head.startswith((b"{", b"[")):
+        return "JSON (an API error?)"
+    return "unrecognised or unsupported format"
 
 
 def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:

@@ -68,6 +68,7 @@ MEDIA = Table("media", "account", ("account", "media_id"), pa.schema([
     ("position", pa.int32()),           # order inside a carousel, 0 otherwise
     ("url", pa.string()),
     ("is_video", pa.bool_()),           # the image is a video's thumbnail
+    ("video_url", pa.string()),         # the video itself, when is_video
     ("status", pa.string()),            # pending | done | failed
     ("error", pa.string()),
     ("sha256", pa.string()),
@@ -75,6 +76,25 @@ MEDIA = Table("media", "account", ("account", "media_id"), pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("bytes", pa.int64()),
+    ("video_sha256", pa.string()),      # the video file, when fetched (--videos)
+    ("video_path", pa.string()),
+    ("updated_at", TS),
+]))
+
+# One row per account and scrape that changed it. `synced_through` is the scrape
+# cursor: every post up to that time (down to the first run's --since/--limit
+# bound) is in the tables; a run cut short by rate limits leaves it unchanged.
+PROFILES = Table("profiles", "account", ("account",), pa.schema([
+    ("profile_id", pa.int64()),
+    ("username", pa.string()),
+    ("full_name", pa.string()),
+    ("biography", pa.string()),
+    ("followers", pa.int64()),
+    ("followees", pa.int64()),
+    ("post_count", pa.int64()),
+    ("is_private", pa.bool_()),
+    ("profile_pic_url", pa.string()),
+    ("synced_through", TS),
     ("updated_at", TS),
 ]))
 
@@ -91,7 +111,7 @@ CAPTIONS = Table("captions", "model", ("model", "sha256"), pa.schema([
     ("updated_at", TS),
 ]))
 
-ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS)
+ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS, PROFILES)
 
 
 def now() -> datetime:

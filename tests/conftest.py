@@ -61,7 +61,9 @@ def make_config(tiny_clip_ckpt, tiny_coca_ckpt):
         overrides = {"data": {"dir": str(data_dir)},
                      "models": {"clip": "tiny", "captioner": "tiny", "device": "cpu",
                                 "cache_dir": str(MODEL_CACHE)},
-                     "embed": {"batch_size": 8}, "caption": {"batch_size": 8}}
+                     "embed": {"batch_size": 8}, "caption": {"batch_size": 8},
+                     # test servers listen on 127.0.0.1
+                     "download": {"allow_private_network": True}}
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)
         return load_config(overrides=overrides, environ={})

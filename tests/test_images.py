@@ -78,3 +78,25 @@ def test_animated_gif_gives_first_frame(tmp_path):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
     r, g, _ = images.load_rgb(path).getpixel((4, 4))
     assert r > 200 and g < 50
+
+
+def test_animated_webp_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(0, 0, 255), (255, 255, 0)]]
+    path = tmp_path / "anim.webp"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    assert images.verify(path).format == "WEBP"
+    r, g, b = images.load_rgb(path).getpixel((4, 4))
+    assert b > 200 and r < 50 and g < 50
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"\n<!DOCTYPE html><html><head><title>Login</title></head></html>", "HTML page"),
+    (b'{"message": "checkpoint_required", "status": "fail"}', "JSON"),
+    (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>',
+     "unsupported format"),
+])
+def test_not_images_say_what_they_look_like(tmp_path, body, says):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(body)
+    with pytest.raises(images.BadImage, match=f"not an image: .*{says}"):
+        images.verify(path)

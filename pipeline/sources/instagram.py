@@ -10,15 +10,18 @@ recorded scrapes run the same extraction code.
 from __future__ import annotations
 
 import logging
-from datetime import timezone
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import instaloader
 import requests
 from instaloader import InstaloaderContext, Post, Profile
 
 from pipeline import tables
+from pipeline.sources import session
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
@@ -64,17 +67,9 @@ def load_recorded(directory: Path) -> tuple[Profile | None, list[Post]]:
             profile = structure
         elif isinstance(structure, Post):
             posts.append(structure)
-    posts.sort(key=lambda p: p.date_utc, reverse=True)
+    # as Instagram lists them: pinned posts first, then newest first
+    posts.sort(key=lambda p: (not p.is_pinned, -p.date_utc.timestamp()))
     return profile, posts
-
-
-def live_posts(account: str, session_user: str = "") -> Iterator[Post]:
-    """Posts of `account` from Instagram, newest first (pinned ones may come first)."""
-    loader = instaloader.Instaloader(quiet=True, download_pictures=False, save_metadata=False)
-    if session_user:
-        loader.load_session_from_file(session_user)
-    profile = Profile.from_username(loader.context, account)
-    yield from profile.get_posts()
 
 
 def post_row(post: Post) -> dict[str, Any]:
@@ -88,7 +83,7 @@ def post_row(post: Post) -> dict[str, Any]:
         "hashtags": post.caption_hashtags,
         "mentions": post.caption_mentions,
         "tagged_users": post.tagged_users,
-        "location": post.location.name if post.location else None,
+        "location": _location_name(post),
         "likes": post.likes,
         "comments": post.comments,
         "is_video": post.is_video,
@@ -99,55 +94,193 @@ def post_row(post: Post) -> dict[str, Any]:
     }
 
 
+def _location_name(post: Post) -> str | None:
+    # Post.location fetches the location page (one request per post, logged in only);
+    # the name is already in the post's node when Instagram sent one.
+    location = post._node.get("location")  # noqa: SLF001 - instaloader has no public accessor
+    return location.get("name") if isinstance(location, dict) else None
+
+
 def media_rows(post: Post) -> list[dict[str, Any]]:
-    """One row per image: each carousel item, or the photo / the video's thumbnail."""
+    """One row per image: each carousel item in order, or the photo / the video's thumbnail."""
     if post.typename == "GraphSidecar":
-        items = [(node.display_url, node.is_video) for node in post.get_sidecar_nodes()]
+        items = [(node.display_url, node.is_video, node.video_url)
+                 for node in post.get_sidecar_nodes()]
     else:
-        items = [(post.url, post.is_video)]
+        items = [(post.url, post.is_video, post.video_url if post.is_video else None)]
     return [
         {"media_id": f"{post.shortcode}_{i}", "shortcode": post.shortcode, "position": i,
-         "url": url, "is_video": is_video, "status": "pending"}
-        for i, (url, is_video) in enumerate(items)
+         "url": url, "is_video": is_video, "video_url": video_url, "status": "pending"}
+        for i, (url, is_video, video_url) in enumerate(items)
     ]
 
 
-def new_posts(posts: Iterator[Post], known: set[str], limit: int = 0) -> Iterator[Post]:
-    """Posts not yet in the tables, newest first, stopping at the first known one.
+def _recorded_count(profile: Profile) -> int | None:
+    # instaloader leaves the post count out of saved Profile structures, and asking
+    # the property would fetch the profile again: take it from the node when there
+    counts = profile._node.get("edge_owner_to_timeline_media")  # noqa: SLF001
+    return counts.get("count") if isinstance(counts, dict) else None
 
-    A known post among the first MAX_PINNED may be pinned (out of date order),
-    so it is skipped rather than taken as the end of what is new.
+
+def profile_row(profile: Profile | None, synced_through: datetime | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"synced_through": synced_through}
+    if profile is not None:
+        row.update(profile_id=int(profile.userid), username=profile.username,
+                   full_name=profile.full_name, biography=profile.biography,
+                   followers=profile.followers, followees=profile.followees,
+                   post_count=_recorded_count(profile), is_private=profile.is_private,
+                   profile_pic_url=profile.profile_pic_url)
+    return row
+
+
+@dataclass(frozen=True)
+class ScrapeSettings:
+    limit: int = 0                    # at most N new posts this run; 0 = no limit
+    since: datetime | None = None     # ignore posts older than this (pinned ones included)
+    full: bool = False                # walk the whole profile, not just what is new
+    session_user: str = ""            # instaloader session to use ("" = anonymous)
+    session_dir: str = ""             # where session files live ("" = instaloader's default)
+    max_wait_s: float = 60.0          # a longer rate-limit wait ends the run instead
+
+
+@dataclass
+class Walk:
+    """One pass down a profile's post list (pinned posts first, then newest first).
+
+    `stop_at` is the cursor: the walk ends at the first post (outside the pinned
+    slots) taken at or before it; older posts in the pinned slots are skipped.
+    Without a cursor it goes to the end of the profile. Known posts are
+    skipped, never taken as the end: an interrupted walk may have stored newer
+    posts above a gap.
     """
-    fresh = 0
-    for position, post in enumerate(posts):
-        if post.shortcode in known:
-            if position < MAX_PINNED:
+
+    known: set[str]
+    stop_at: datetime | None
+    since: datetime | None = None
+    limit: int = 0
+    ended_by: str = "interrupted"       # known | end | since | limit | interrupted
+    newest: datetime | None = None      # newest post seen
+    seen: set[str] = field(default_factory=set)
+
+    def new_posts(self, posts: Iterable[Post]) -> Iterator[Post]:
+        taken = 0
+        for position, post in enumerate(posts):
+            taken_at = post.date_utc.replace(tzinfo=timezone.utc)
+            self.seen.add(post.shortcode)
+            self.newest = max(self.newest or taken_at, taken_at)
+            maybe_pinned = position < MAX_PINNED or post.is_pinned  # out of date order
+            if self.stop_at is not None and taken_at <= self.stop_at:
+                if maybe_pinned:  # an old post pinned on top: covered already, never the end
+                    continue
+                self.ended_by = "known"
+                return
+            if self.since is not None and taken_at < self.since:
+                if maybe_pinned:
+                    continue
+                self.ended_by = "since"
+                return
+            if post.shortcode in self.known:
                 continue
-            return
-        yield post
-        fresh += 1
-        if limit and fresh >= limit:
-            return
+            yield post
+            taken += 1
+            if self.limit and taken >= self.limit:
+                self.ended_by = "limit"
+                return
+        self.ended_by = "end"
+
+    def cursor(self, before: datetime | None) -> datetime | None:
+        """The cursor after this walk: advanced only when nothing above it was left out."""
+        first_run_bounded = before is None and self.ended_by == "limit"
+        if self.ended_by in ("known", "end", "since") or first_run_bounded:
+            return max(filter(None, [before, self.newest]), default=None)
+        return before
 
 
-def scrape(data_dir: Path, account: str, recorded: Path | None = None, limit: int = 0,
-           session_user: str = "") -> StageResult:
-    """Add the profile's new posts and their media (as pending) to the tables."""
+def live_source(account: str, settings: ScrapeSettings) -> tuple[Profile, Iterator[Post]]:
+    """The profile and its posts from Instagram, as the profile page lists them."""
+    loader = session.loader_for(settings.session_user, settings.session_dir, settings.max_wait_s)
+    profile = Profile.from_username(loader.context, account)
+    return profile, iter(profile.get_posts())
+
+
+FLUSH_POSTS = 100  # posts per written part: a long first scrape keeps what it fetched
+
+
+def scrape(data_dir: Path, account: str, recorded: Path | None = None,
+           settings: ScrapeSettings = ScrapeSettings(),
+           source: tuple[Profile | None, Iterable[Post]] | None = None) -> StageResult:
+    """Add the profile's new posts, their media (pending) and its metadata to the tables.
+
+    Posts come from Instagram, from instaloader JSON files in `recorded`, or
+    from `source` (a profile and its post list). Rate limiting ends the run
+    cleanly: what was fetched is kept and the next run resumes. Posts that
+    vanished from the profile stay in the tables.
+    """
     tables.check_partition_value(account)
+    result = StageResult("scrape", account)
+    try:
+        with session.session_lock(data_dir / "state" / "locks", settings.session_user):
+            _scrape(data_dir, account, recorded, settings, source, result)
+    except session.SessionBusy as e:
+        result.note = str(e)
+    return result.log()
+
+
+def _scrape(data_dir: Path, account: str, recorded: Path | None, settings: ScrapeSettings,
+            source: tuple[Profile | None, Iterable[Post]] | None, result: StageResult) -> None:
     con = tables.connect(data_dir)
     known = {r[0] for r in con.execute(
         "SELECT shortcode FROM posts WHERE account = ?", [account]).fetchall()}
-    if recorded is not None:
-        _, posts = load_recorded(recorded)
-        source = iter(posts)
-    else:
-        source = live_posts(account, session_user)
-    post_batch, media_batch = [], []
-    for post in new_posts(source, known, limit):
-        post_batch.append(post_row(post))
-        media_batch.extend(media_rows(post))
-    # media first: a post row is the marker that the post was fully scraped
-    tables.write_part(data_dir, tables.MEDIA, account, media_batch)
-    tables.write_part(data_dir, tables.POSTS, account, post_batch)
-    return StageResult("scrape", account, done=len(post_batch),
-                       note=f"{len(media_batch)} images queued").log()
+    cursor = con.execute("SELECT * EXCLUDE (account, updated_at) FROM profiles WHERE account = ?",
+                         [account])
+    old = next((dict(zip([d[0] for d in cursor.description], r)) for r in cursor.fetchall()), None)
+    before = old["synced_through"] if old else None
+    try:
+        if source is None:
+            source = load_recorded(recorded) if recorded is not None else live_source(account, settings)
+        profile, posts = source
+    except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
+        raise session.explain(e, account, settings.session_user) from None
+
+    walk = Walk(known, None if settings.full else before, settings.since, settings.limit)
+    post_batch: list[dict[str, Any]] = []
+    media_batch: list[dict[str, Any]] = []
+    images = 0
+
+    def flush() -> None:
+        nonlocal images
+        # media first: a post row is the marker that the post was fully scraped
+        tables.write_part(data_dir, tables.MEDIA, account, media_batch)
+        tables.write_part(data_dir, tables.POSTS, account, post_batch)
+        result.done += len(post_batch)
+        images += len(media_batch)
+        post_batch.clear()
+        media_batch.clear()
+
+    error: Exception | None = None
+    try:
+        for post in walk.new_posts(posts):
+            post_batch.append(post_row(post))
+            media_batch.extend(media_rows(post))
+            if len(post_batch) >= FLUSH_POSTS:
+                flush()
+    except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
+        error = e
+    flush()  # whatever happened, keep what was fetched
+
+    row = profile_row(profile, walk.cursor(before) if error is None else before)
+    if old is None or any(old.get(k) != v for k, v in row.items()):
+        tables.write_part(data_dir, tables.PROFILES, account, [row])
+    notes = [f"{images} images queued"]
+    if settings.full:
+        gone = len(known - walk.seen)
+        if gone and error is None:
+            notes.append(f"{gone} stored posts are no longer on the profile (kept)")
+    if error is not None:
+        if not session.is_rate_limit(error):
+            raise session.explain(error, account, settings.session_user) from None
+        log.warning("scrape %s: rate limited by Instagram (%s); stopping cleanly, "
+                    "the next run resumes", account, error)
+        notes.append("rate limited: stopped early, the next run resumes")
+    result.note = "; ".join(notes)
+

@@ -1,0 +1,85 @@
+"""A list of image URLs as an account: one post per URL, downloaded by the download stage.
+
+Accepted shapes: a text file with one URL per line (blank lines and `#`
+comments ignored), or JSON: a list of URLs, a list of objects with a `url`
+(and optionally `caption`, `taken_at`), `{"urls": [...]}`, or an object
+mapping names to URLs (the name becomes the caption).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline import tables
+from pipeline.sources.folder import post_row, shortcode_for
+from pipeline.stages import StageResult
+
+
+class BadUrlList(ValueError):
+    pass
+
+
+def _entry(item: Any, where: str) -> dict[str, Any]:
+    if isinstance(item, str):
+        return {"url": item.strip()}
+    if isinstance(item, dict) and isinstance(item.get("url"), str):
+        return item
+    raise BadUrlList(f"{where}: expected a URL or an object with a \"url\", got {item!r:.80}")
+
+
+def read_url_list(path: Path) -> list[dict[str, Any]]:
+    """The entries of a URL list, each a dict with at least `url`; duplicates dropped."""
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadUrlList(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(data, dict):
+            data = data["urls"] if isinstance(data.get("urls"), list) else [
+                {"url": url, "caption": name} for name, url in data.items()]
+        if not isinstance(data, list):
+            raise BadUrlList(f"{path}: expected a JSON list or object of URLs")
+        entries = [_entry(item, f"{path} item {i}") for i, item in enumerate(data)]
+    else:
+        entries = [{"url": line.strip()} for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+    unique: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        unique.setdefault(entry["url"], entry)
+    return list(unique.values())
+
+
+def _taken_at(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def scan(data_dir: Path, account: str, path: Path) -> StageResult:
+    """Queue the list's URLs not queued yet, as posts with one pending image each."""
+    tables.check_partition_value(account)
+    entries = read_url_list(path)
+    known = {r[0] for r in tables.connect(data_dir).execute(
+        "SELECT shortcode FROM posts WHERE account = ?", [account]).fetchall()}
+    posts, media = [], []
+    for entry in entries:
+        shortcode = shortcode_for(entry["url"], "u")
+        if shortcode in known:
+            continue
+        caption = entry.get("caption") if isinstance(entry.get("caption"), str) else None
+        posts.append(post_row(account, shortcode, _taken_at(entry.get("taken_at")), caption,
+                              entry["url"], "UrlImage"))
+        media.append({"media_id": f"{shortcode}_0", "shortcode": shortcode, "position": 0,
+                      "url": entry["url"], "is_video": False, "status": "pending"})
+    tables.write_part(data_dir, tables.MEDIA, account, media)
+    tables.write_part(data_dir, tables.POSTS, account, posts)
+    return StageResult("scrape", account, done=len(posts),
+                       note=f"{len(media)} images queued from {path.name}").log()
