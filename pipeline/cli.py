@@ -134,7 +134,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from pipeline import rerun
 
     cfg = _config(args)
-    todo = rerun.plan(_status(cfg), args.account, args.stage, args.only, args.retry_failed)
+    rows = _status(cfg)
+    if args.stage is None and not any(r["account"] == args.account for r in rows):
+        print(f"error: no runs of {args.account} in {cfg.data_dir}: "
+              f"start with `clipgram ingest {args.account}`", file=sys.stderr)
+        return 2
+    todo = rerun.plan(rows, args.account, args.stage, args.only, args.retry_failed)
     if not todo:
         print(f"nothing to rerun: every stage of {args.account} is done "
               "(--retry-failed retries failed items, --stage S reruns a stage anyway)")

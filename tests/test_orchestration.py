@@ -236,3 +236,9 @@ def test_rerun_plan():
     assert rerun.plan(rows, A, None, False, False)[0] == "caption"
     with pytest.raises(ValueError, match="one of scrape"):
         rerun.check_stages(["embedd"])
+
+
+def test_rerun_of_an_unknown_account_says_to_ingest_it_first(make_config, tmp_path, capsys):
+    cfg = make_config(tmp_path / "data")
+    assert main(["rerun", "--account", "nobody", *_cli_base(cfg)]) == 2
+    assert "clipgram ingest nobody" in capsys.readouterr().err
