@@ -57,6 +57,7 @@ def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
             "SELECT sha256, model, caption FROM "
             f"({tables.scan_sql(tables.CAPTIONS, data_dir, root, captioner_id or 'none')}) "
             "WHERE error IS NULL"),
+        "runs": tables.latest_sql(tables.RUNS, data_dir, root),  # the stage ledger, for history
     }
     # one row per downloaded image with everything a user asks about
     views["images"] = """

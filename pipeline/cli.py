@@ -12,6 +12,7 @@ import duckdb
 
 from pipeline import catalog, report, search, stages
 from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
+from pipeline.lock import AccountBusy
 from pipeline.models import clip
 from pipeline.models.resolve import WeightsUnavailable
 from pipeline.sources.instagram import RecordedDataIncomplete
@@ -52,12 +53,14 @@ def _format(args: argparse.Namespace) -> str:
     return "json" if getattr(args, "json", False) else "csv" if getattr(args, "csv", False) else "table"
 
 
-def run_ingest(cfg: Config, account: str, recorded: Path | None,
-               source: Path | None = None) -> list[stages.StageResult]:
+def run_ingest(cfg: Config, account: str, recorded: Path | None, source: Path | None = None,
+               stages_to_run: list[str] | None = None,
+               retry_failed: bool = False) -> list[stages.StageResult]:
     from flows.ingest import ingest_account  # Prefect is slow to import: only when needed
 
     return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None,
-                          str(source) if source else None)
+                          str(source) if source else None, stages_to_run=stages_to_run,
+                          retry_failed=retry_failed)
 
 
 def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
@@ -81,12 +84,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             raise ConfigError(f"{e}; name the account with --as NAME") from None
         log.info("ingesting %s %s as account %s", "folder" if target.is_dir() else "URL list",
                  target, account)
-        _print_results(cfg, run_ingest(cfg, account, None, target.resolve()))
+        _print_results(cfg, run_ingest(cfg, account, None, target.resolve(), retry_failed=args.retry_failed))
         return 0
     if args.as_name:
         raise ConfigError(f"--as names a folder or URL list, and {args.account} is neither "
                           "(for an Instagram profile the account is its username)")
-    _print_results(cfg, run_ingest(cfg, args.account, args.recorded))
+    _print_results(cfg, run_ingest(cfg, args.account, args.recorded, retry_failed=args.retry_failed))
     return 0
 
 
@@ -148,15 +151,47 @@ def cmd_sql(args: argparse.Namespace) -> int:
             buffer = ""
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _status(cfg: Config) -> list[dict]:
     clip_id = captioner_id = None
     if (cfg.data_dir / catalog.CATALOG).exists():
         meta = catalog.meta(catalog.connect(cfg.data_dir))
         clip_id, captioner_id = meta.get("clip_model"), meta.get("captioner")
-    rows = stages.status(cfg.data_dir, clip_id, captioner_id)
-    columns = ["account", "stage", "done", "pending", "failed", "last_error"]
+    return stages.status(cfg.data_dir, clip_id, captioner_id)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = _status(_config(args))
+    columns = list(stages.STATUS_COLUMNS)
     report.print_rows(columns, [[r[c] for c in columns] for r in rows], _format(args))
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from pipeline import rerun
+
+    cfg = _config(args)
+    rows = _status(cfg)
+    if args.stage is None and not any(r["account"] == args.account for r in rows):
+        print(f"error: no runs of {args.account} in {cfg.data_dir}: "
+              f"start with `clipgram ingest {args.account}`", file=sys.stderr)
+        return 2
+    todo = rerun.plan(rows, args.account, args.stage, args.only, args.retry_failed)
+    if not todo:
+        print(f"nothing to rerun: every stage of {args.account} is done "
+              "(--retry-failed retries failed items, --stage S reruns a stage anyway)")
+        return 0
+    log.info("rerunning %s for %s", " → ".join(todo), args.account)
+    _print_results(cfg, run_ingest(cfg, args.account, args.recorded, stages_to_run=todo,
+                                   retry_failed=args.retry_failed))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline import schedule
+
+    cfg = _config(args)
+    accounts = schedule.load_accounts(args.accounts)
+    schedule.serve(schedule.deployments(accounts, cfg), limit=args.limit)
     return 0
 
 
@@ -218,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow URLs and redirects into loopback/private networks")
     p.add_argument("--batch-size", type=int, help="embedding batch size")
     p.add_argument("--concurrency", type=int, help="parallel downloads")
+    p.add_argument("--retry-failed", action="store_true", help="queue failed downloads again first")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("login", parents=[common],
@@ -240,6 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("rerun", parents=[common], help="rerun failed or pending stages of an account")
+    p.add_argument("--account", required=True)
+    p.add_argument("--stage", choices=stages.STAGES,
+                   help="first stage to rerun (default: the first with pending or failed work)")
+    p.add_argument("--only", action="store_true", help="just that stage, not the ones after it")
+    p.add_argument("--retry-failed", action="store_true", help="queue failed downloads again first")
+    p.add_argument("--recorded", type=Path, help="read the profile from instaloader JSON files here")
+    p.set_defaults(func=cmd_rerun)
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="run every account of accounts.toml on its schedule (Prefect deployments)")
+    p.add_argument("--accounts", type=Path, default=CONFIG_DIR / "accounts.toml",
+                   help="accounts file (default configs/accounts.toml)")
+    p.add_argument("--limit", type=int, help="at most N flow runs at once")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", parents=[common], help="ingest and search the embedded sample profile")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -252,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
-        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList)
+        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList, AccountBusy)
     try:
         return args.func(args)
     except errors as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +29,34 @@ class StageResult:
         return self
 
 
+STATUS_COLUMNS = ("account", "stage", "done", "pending", "failed", "last_run", "last_run_at",
+                  "last_error")
+
+
+def _alive(host: str | None, pid: int | None) -> bool:
+    """Whether the process that wrote a `running` ledger row is still alive (as far as we can tell)."""
+    if host != socket.gethostname() or pid is None:
+        return True  # another machine's process: assume it is
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[dict]:
-    """Per account and stage: done / pending / failed counts and the last error."""
+    """Per account and stage: done / pending / failed items, the last run and the last error.
+
+    `last_run` is the stage's latest attempt in the runs ledger (completed,
+    skipped, failed, running, or interrupted when its process is gone);
+    `last_error` is that attempt's error, else the latest failed item's.
+    """
     con = tables.connect(data_dir)
     emb = tables.scan_sql(tables.EMBEDDINGS, data_dir, str(data_dir), clip_id or "none")
     cap = tables.scan_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
-    return [dict(zip(("account", "stage", "done", "pending", "failed", "last_error"), row))
-            for row in con.execute(f"""
+    rows = [dict(zip((*STATUS_COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
         emb AS (SELECT DISTINCT sha256 FROM ({emb})),
         cap AS (SELECT sha256, any_value(error) AS error FROM ({cap}) GROUP BY sha256),
@@ -50,7 +73,17 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
         UNION ALL
         SELECT account, 'caption', count(cap.sha256) FILTER (cap.error IS NULL),
                count(*) - count(cap.sha256), count(cap.error), any_value(cap.error)
-        FROM images LEFT JOIN cap USING (sha256) GROUP BY account)
-        SELECT * FROM counts
-        ORDER BY account, array_position(['scrape', 'download', 'embed', 'caption'], stage)
+        FROM images LEFT JOIN cap USING (sha256) GROUP BY account),
+        last AS (SELECT account, stage, status, coalesce(finished_at, started_at) AS at, error,
+                        host, pid FROM runs
+                 QUALIFY row_number() OVER (PARTITION BY account, stage ORDER BY started_at DESC) = 1)
+        SELECT account, stage, coalesce(c.done, 0), coalesce(c.pending, 0), coalesce(c.failed, 0),
+               l.status, l.at, coalesce(l.error, c.last_error), l.host, l.pid
+        FROM counts c FULL JOIN last l USING (account, stage)
+        ORDER BY account, array_position({list(STAGES)}, stage)
     """).fetchall()]
+    for row in rows:
+        host, pid = row.pop("host"), row.pop("pid")
+        if row["last_run"] == "running" and not _alive(host, pid):
+            row["last_run"] = "interrupted"
+    return rows

@@ -111,7 +111,26 @@ CAPTIONS = Table("captions", "model", ("model", "sha256"), pa.schema([
     ("updated_at", TS),
 ]))
 
-ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS, PROFILES)
+# The stage ledger: one row per attempt of a stage, written when it starts
+# (status running) and again when it ends (completed or failed).
+RUNS = Table("runs", "account", ("account", "attempt_id"), pa.schema([
+    ("attempt_id", pa.string()),        # one attempt of one stage
+    ("run_id", pa.string()),            # the flow run (Prefect's id when there is one)
+    ("stage", pa.string()),
+    ("status", pa.string()),            # running | completed | skipped | failed
+    ("started_at", TS),
+    ("finished_at", TS),
+    ("done", pa.int64()),
+    ("failed", pa.int64()),
+    ("error", pa.string()),
+    ("note", pa.string()),
+    ("inputs", pa.string()),            # fingerprint of the stage's inputs when it finished
+    ("host", pa.string()),
+    ("pid", pa.int64()),
+    ("updated_at", TS),
+]))
+
+ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS, PROFILES, RUNS)
 
 
 def now() -> datetime:

@@ -1,0 +1,65 @@
+"""One ingest per account at a time: an advisory file lock per account.
+
+The lock is an flock on `locks/<account>.lock` in the data directory. The
+kernel releases it when its holder exits for any reason, SIGKILL included, so
+a crashed run never leaves an account locked. (flock is reliable on local
+disks; on NFS use one scheduler per data directory, e.g. a Prefect
+concurrency limit of 1 per account deployment.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline import tables
+
+log = logging.getLogger("clipgram.lock")
+
+
+class AccountBusy(RuntimeError):
+    """Another process is ingesting the account."""
+
+
+def lock_path(data_dir: Path, account: str) -> Path:
+    return data_dir / "locks" / f"{tables.check_partition_value(account)}.lock"
+
+
+@contextmanager
+def account_lock(data_dir: Path, account: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the account's lock for the block; wait up to `wait_s` for it, then raise AccountBusy."""
+    path = lock_path(data_dir, account)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                if time.monotonic() >= deadline:
+                    raise AccountBusy(
+                        f"account {account} is already being ingested ({holder}); this run changes "
+                        f"nothing. Wait for that run to finish, or set [orchestration] lock_wait_s "
+                        f"to queue behind it.") from None
+                if not waited:
+                    log.info("account %s is being ingested (%s): waiting up to %.0f s",
+                             account, holder, wait_s)
+                    waited = True
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        # who holds it, for the message the next contender prints
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{tables.now():%Y-%m-%d %H:%M:%S} UTC\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -1,0 +1,61 @@
+"""Rerunning part of the DAG: which stages, and putting failed items back in the queue.
+
+Stages are idempotent (each works on what is still pending), so a rerun is
+the same flow over fewer stages; nothing here undoes finished work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline import tables
+from pipeline.stages import STAGES
+
+log = logging.getLogger("clipgram.rerun")
+
+
+def check_stages(names: list[str]) -> list[str]:
+    """`names` in DAG order; ValueError naming the valid stages for an unknown one."""
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(unknown)}: one of {', '.join(STAGES)}")
+    return [s for s in STAGES if s in names]
+
+
+def first_unfinished(status_rows: list[dict], account: str, retry_failed: bool = False) -> str | None:
+    """The earliest stage of `account` with work left: its last run failed or was
+    interrupted, or items are pending (or failed, when retrying them). None: all done."""
+    for stage in STAGES:
+        for row in status_rows:
+            if row["account"] != account or row["stage"] != stage:
+                continue
+            if (row["last_run"] in ("failed", "interrupted") or row["pending"]
+                    or (retry_failed and row["failed"])):
+                return stage
+    return None
+
+
+def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
+         retry_failed: bool) -> list[str]:
+    """The stages a rerun runs: from `stage` (default: the first unfinished one) to the
+    end, or just that stage with `only`. Empty when there is nothing to rerun."""
+    if stage is None:
+        stage = first_unfinished(status_rows, account, retry_failed)
+        if stage is None:
+            return []
+    check_stages([stage])
+    return [stage] if only else list(STAGES[STAGES.index(stage):])
+
+
+def requeue_failed(data_dir: Path, account: str) -> int:
+    """Mark the account's failed media pending again (the good ones are not touched)."""
+    con = tables.connect(data_dir)
+    columns = [f.name for f in tables.MEDIA.schema if f.name != "updated_at"]
+    failed = [dict(zip(columns, r)) for r in con.execute(
+        f"SELECT {', '.join(columns)} FROM media WHERE account = ? AND status = 'failed'",
+        [account]).fetchall()]
+    tables.write_part(data_dir, tables.MEDIA, account,
+                      [{**row, "status": "pending", "error": None} for row in failed])
+    log.info("%s: %d failed media queued again", account, len(failed))
+    return len(failed)

@@ -1,0 +1,60 @@
+"""`python tests/crash_driver.py POINT N clipgram-args…`: run the CLI, SIGKILLed at POINT.
+
+The process kills itself (SIGKILL: no cleanup, no atexit, like the OOM killer
+or a lost machine) the Nth time it reaches POINT:
+
+  download  a file is fetched but not yet moved into the media store
+  embed     an embedding batch is about to run (earlier batches' parts written)
+  parquet   an embeddings part is fully written to its temp file, not yet renamed
+  catalog   the new catalog.duckdb is half built (views and documents, no FTS index)
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pipeline
+
+
+def kill_on(owner: object, name: str, nth: int, matches=lambda *a, **k: True,
+            finish_first: bool = False) -> None:
+    real = getattr(owner, name)
+    seen = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal seen
+        if matches(*args, **kwargs):
+            seen += 1
+            if seen == nth:
+                if finish_first:
+                    real(*args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> int:
+    point, nth, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    import pyarrow.parquet as pq
+
+    from pipeline import catalog, cli, download
+    from pipeline.models import clip
+
+    if point == "download":
+        kill_on(download, "_store", nth)
+    elif point == "embed":
+        kill_on(clip.ClipEncoder, "encode_images", nth)
+    elif point == "parquet":
+        kill_on(pq, "write_table", nth, finish_first=True,
+                matches=lambda table, where, **kw: "/embeddings/" in getattr(where, "name", ""))
+    elif point == "catalog":
+        kill_on(catalog, "load_extension", nth)
+    else:
+        raise SystemExit(f"unknown point {point}")
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
