@@ -235,25 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipgram", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", parents=[common], help="scrape, download, embed, caption, publish")
+    # what ingest and rerun share: where posts come from and how images are fetched
+    fetching = argparse.ArgumentParser(add_help=False)
+    fetching.add_argument("--recorded", type=Path,
+                          help="read the profile from instaloader JSON files here")
+    fetching.add_argument("--videos", action="store_true", default=None,
+                          help="also download videos (thumbnails always are)")
+    fetching.add_argument("--allow-private-network", action="store_true", default=None,
+                          help="allow URLs and redirects into loopback/private networks")
+    fetching.add_argument("--concurrency", type=int, help="parallel downloads")
+    fetching.add_argument("--batch-size", type=int, help="embedding batch size")
+    fetching.add_argument("--retry-failed", action="store_true",
+                          help="queue failed downloads again first")
+
+    p = sub.add_parser("ingest", parents=[common, fetching],
+                       help="scrape, download, embed, caption, publish")
     p.add_argument("account", help="Instagram username, a folder of images, or a URL list file "
                    "(one URL per line, or JSON)")
     p.add_argument("--as", dest="as_name", metavar="NAME",
                    help="account name for a folder or URL list (default: its name)")
-    p.add_argument("--recorded", type=Path, help="read the profile from instaloader JSON files here")
     p.add_argument("--limit", type=int, help="at most N new posts this run")
     p.add_argument("--since", metavar="DATE", help="no posts older than DATE (e.g. 2024-01-31)")
     p.add_argument("--full", action="store_true", default=None,
                    help="walk the whole profile, not only posts newer than the last run's")
     p.add_argument("--session", metavar="USER", help="use USER's session (see `clipgram login`)")
     p.add_argument("--session-dir", help="where session files live (default instaloader's)")
-    p.add_argument("--videos", action="store_true", default=None,
-                   help="also download videos (thumbnails always are)")
-    p.add_argument("--allow-private-network", action="store_true", default=None,
-                   help="allow URLs and redirects into loopback/private networks")
-    p.add_argument("--batch-size", type=int, help="embedding batch size")
-    p.add_argument("--concurrency", type=int, help="parallel downloads")
-    p.add_argument("--retry-failed", action="store_true", help="queue failed downloads again first")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("login", parents=[common],
@@ -276,13 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("rerun", parents=[common], help="rerun failed or pending stages of an account")
+    p = sub.add_parser("rerun", parents=[common, fetching],
+                       help="rerun failed or pending stages of an account")
     p.add_argument("--account", required=True)
     p.add_argument("--stage", choices=stages.STAGES,
                    help="first stage to rerun (default: the first with pending or failed work)")
     p.add_argument("--only", action="store_true", help="just that stage, not the ones after it")
-    p.add_argument("--retry-failed", action="store_true", help="queue failed downloads again first")
-    p.add_argument("--recorded", type=Path, help="read the profile from instaloader JSON files here")
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("serve", parents=[common],

@@ -29,7 +29,8 @@ def _kill_at(point: str, nth: int, cfg, recorded: Path) -> None:
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
            "CLIPGRAM_MODELS_CACHE_DIR": cfg.models.cache_dir, "CLIPGRAM_DECODE_WORKERS": "0",
-           "CLIPGRAM_EMBED_PART_ROWS": "8", "CLIPGRAM_CAPTION_BATCH_SIZE": "8"}
+           "CLIPGRAM_EMBED_PART_ROWS": "8", "CLIPGRAM_CAPTION_BATCH_SIZE": "8",
+           "CLIPGRAM_DOWNLOAD_ALLOW_PRIVATE_NETWORK": "true"}  # the sample is served on 127.0.0.1
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "crash_driver.py"), point, str(nth), "ingest", A,
          "--recorded", str(recorded), "--data-dir", str(cfg.data_dir), "--clip-model", "tiny",

@@ -38,6 +38,10 @@ def _cli_base(cfg):
             "--device", "cpu"]
 
 
+def _fetch_args(cfg):
+    return [*_cli_base(cfg), "--allow-private-network"]  # the sample is served on 127.0.0.1
+
+
 def _status(cfg):
     return {r["stage"]: r for r in stages.status(cfg.data_dir, *_published_ids(cfg))}
 
@@ -77,21 +81,21 @@ def test_failed_stage_shows_in_status_and_reruns_then_failed_media_retry(
     # `rerun` starts at the failed stage and finishes the DAG with a good model
     good = make_config(tmp_path / "data")
     assert rerun.plan(list(status.values()), A, None, False, False) == ["embed", "caption", "publish"]
-    assert main(["rerun", "--account", A, *_cli_base(good)]) == 0
+    assert main(["rerun", "--account", A, *_fetch_args(good)]) == 0
     status = _status(good)
     images = status["download"]["done"]
     assert status["embed"]["done"] == status["caption"]["done"] == images > 0
     assert status["embed"]["last_run"] == status["publish"]["last_run"] == "completed"
     assert status["download"]["failed"] == 1  # not retried unless asked
     capsys.readouterr()
-    assert main(["rerun", "--account", A, *_cli_base(good)]) == 0
+    assert main(["rerun", "--account", A, *_fetch_args(good)]) == 0
     assert "nothing to rerun" in capsys.readouterr().out
 
     # --retry-failed: the image is back; only the failed row is downloaded again
     done_before = dict(tables.connect(good.data_dir).execute(
         "SELECT media_id, updated_at FROM media WHERE status = 'done'").fetchall())
     shutil.move(held, root / "images" / MISSING)
-    assert main(["rerun", "--account", A, "--retry-failed", *_cli_base(good)]) == 0
+    assert main(["rerun", "--account", A, "--retry-failed", *_fetch_args(good)]) == 0
     status = _status(good)
     assert status["download"]["failed"] == 0 and status["download"]["done"] == images + 1
     assert status["embed"]["done"] == status["caption"]["done"] == images + 1
@@ -120,7 +124,7 @@ def test_second_ingest_of_a_busy_account_exits_with_a_clear_message(
         with pytest.raises(AccountBusy, match=f"{A} is already being ingested .*pid"):
             ingest_account(A, cfg.as_dict(), str(recorded), stages_to_run=["scrape"])
         assert not (cfg.data_dir / "tables").exists()  # it changed nothing
-        assert main(["ingest", A, "--recorded", str(recorded), *_cli_base(cfg)]) == 2
+        assert main(["ingest", A, "--recorded", str(recorded), *_fetch_args(cfg)]) == 2
 
 
 def test_second_ingest_waits_for_the_lock_when_asked(prefect_harness, make_config, recorded, tmp_path):
@@ -240,5 +244,5 @@ def test_rerun_plan():
 
 def test_rerun_of_an_unknown_account_says_to_ingest_it_first(make_config, tmp_path, capsys):
     cfg = make_config(tmp_path / "data")
-    assert main(["rerun", "--account", "nobody", *_cli_base(cfg)]) == 2
+    assert main(["rerun", "--account", "nobody", *_fetch_args(cfg)]) == 2
     assert "clipgram ingest nobody" in capsys.readouterr().err
