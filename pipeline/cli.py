@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,38 @@ def _search(cfg: Config, query: str, k: int, captions: bool) -> list[search.Hit]
     return search.text_search(con, cfg.data_dir, clip.from_config(cfg.models), query, k)
 
 
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def _filters(args: argparse.Namespace) -> search.Filters:
+    return search.Filters(
+        accounts=args.account or [], since=args.since, until=args.until, hashtags=args.hashtag or [],
+        min_likes=args.min_likes, labels=[search.parse_label_filter(t) for t in args.label or []],
+        where=args.where)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    hits = _search(cfg, args.query, args.k or cfg.search.k, args.captions)
+    terms = search.parse_query(args.query) if args.query else []
+    terms += [search.Term("image", str(p)) for p in args.image or []]
+    terms += [search.Term("like", m) for m in args.like or []]
+    if not terms:
+        raise search.SearchError("nothing to search for: give a query, --image FILE or --like MEDIA_ID")
+    mode = "captions" if args.captions else args.mode
+    con = catalog.connect(cfg.data_dir)  # read-only: a search never writes
+    needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
+    encoder = clip.from_config(cfg.models) if needs_model else None
+    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode,
+                               _filters(args), encoder)
+    log.info("%s search: %d hits", mode, len(hits))
     report.print_hits(hits, _format(args))
     if args.html:
-        report.write_html(args.html, [(args.query, hits)])
+        title = " + ".join(f"{t.weight:g}·{t.value}" if t.weight != 1 else t.value for t in terms)
+        report.write_html(args.html, [(f"{title} ({mode})", hits)])
         log.info("results page written to %s", args.html)
     return 0
 
@@ -171,10 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="parallel downloads")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("search", parents=[common, out], help="text → image search")
-    p.add_argument("query")
+    p = sub.add_parser("search", parents=[common, out], help="search images by text, image or caption",
+                       description=search.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("query", nargs="?", help='text, or arithmetic: \'"2:a dog" + photo.jpg - "fruit"\'')
     p.add_argument("-k", type=int, help="number of results (default [search] k)")
-    p.add_argument("--captions", action="store_true", help="BM25 full-text over captions instead")
+    p.add_argument("--image", action="append", type=Path, help="an image file to search by (repeatable)")
+    p.add_argument("--like", action="append", metavar="MEDIA_ID", help="images like a stored one")
+    p.add_argument("--mode", choices=search.MODES, default="auto",
+                   help="auto (hybrid for text when captions exist, else clip), clip, captions, hybrid")
+    p.add_argument("--captions", action="store_true", help="same as --mode captions (BM25 only)")
+    p.add_argument("--account", action="append", help="only this account (repeatable)")
+    p.add_argument("--since", type=_date, help="posted on or after YYYY-MM-DD")
+    p.add_argument("--until", type=_date, help="posted on or before YYYY-MM-DD")
+    p.add_argument("--hashtag", action="append", help="post has this hashtag (repeatable: all of them)")
+    p.add_argument("--min-likes", type=int, help="at least N likes")
+    p.add_argument("--label", action="append", metavar="SET=LABEL",
+                   help="best zero-shot label of SET is LABEL (see `clipgram labels`)")
+    p.add_argument("--where", help="SQL predicate over the images view, e.g. \"likes > 100\"")
     p.add_argument("--html", type=Path, help="also write a results page with thumbnails")
     p.set_defaults(func=cmd_search)
 
