@@ -12,6 +12,7 @@ from typing import Any
 import duckdb
 
 from pipeline import catalog, report, search, stages
+from pipeline.analysis.labels import LabelError
 from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
 from pipeline.models import clip
 from pipeline.models.resolve import WeightsUnavailable
@@ -138,6 +139,82 @@ def cmd_sql(args: argparse.Namespace) -> int:
             buffer = ""
 
 
+def _stored_model(cfg: Config) -> str:
+    """The CLIP model id the catalog's embeddings are from: analysis reads those, never re-encodes."""
+    with catalog.connect(cfg.data_dir) as con:
+        model = catalog.meta(con).get("clip_model")
+    if not model:
+        raise search.SearchError("the catalog has no embeddings: run `clipgram ingest` with a CLIP model")
+    return model
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from pipeline.analysis import labels
+
+    cfg = _config(args)
+    if args.action == "define":
+        pairs = [search.parse_label_filter(p) for p in args.labels]
+        path = labels.define(cfg.data_dir, args.name, {k: v.split("|") for k, v in pairs}, args.template)
+        log.info("label set %s written to %s; score it with `clipgram labels run --set %s`",
+                 args.name, path, args.name)
+        return 0
+    if args.action == "list":
+        rows = [[s.name, label, " | ".join(s.prompts(label))]
+                for s in labels.load_sets(cfg.data_dir).values() for label in s.labels]
+        report.print_rows(["label_set", "label", "prompts"], rows, _format(args))
+        return 0
+    encoder = clip.from_config(cfg.models)
+    if encoder.id != _stored_model(cfg):
+        raise search.SearchError(f"the catalog's embeddings are from {_stored_model(cfg)}, not "
+                                 f"{encoder.id}: pass the same --clip-model")
+    results = labels.run(cfg.data_dir, encoder, args.set)
+    catalog.republish(cfg.data_dir)
+    report.print_rows(["label_set", "images", "note"], [[r.account, r.done, r.note] for r in results])
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from pipeline.analysis import clusters, store
+
+    cfg = _config(args)
+    k = None if args.k == "auto" else int(args.k)
+    clusters.run(cfg.data_dir, _stored_model(cfg), args.account, k, cfg.analysis.k_max)
+    catalog.republish(cfg.data_dir)
+    con = catalog.connect(cfg.data_dir)
+    relation = con.execute("""SELECT cluster, cluster_name, count(*) AS images,
+                                     round(avg(similarity), 3) AS cohesion, any_value(silhouette) AS silhouette
+                              FROM clusters WHERE scope = ? GROUP BY ALL ORDER BY images DESC, cluster""",
+                           [args.account or store.ALL_ACCOUNTS])
+    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from pipeline.analysis import projection
+
+    cfg = _config(args)
+    page = args.html or args.out.with_suffix(".html")
+    result = projection.run(cfg.data_dir, _stored_model(cfg), args.account, args.out, page,
+                            args.method or cfg.analysis.map_method)
+    print(f"map ({result.note})")
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from pipeline.analysis import duplicates, store
+
+    cfg = _config(args)
+    threshold = args.threshold if args.threshold is not None else cfg.analysis.duplicate_threshold
+    duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold)
+    catalog.republish(cfg.data_dir)
+    con = catalog.connect(cfg.data_dir)
+    relation = con.execute("""SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity
+                              FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""",
+                           [args.account or store.ALL_ACCOUNTS])
+    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     clip_id = captioner_id = None
@@ -222,6 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?")
     p.set_defaults(func=cmd_sql)
 
+    p = sub.add_parser("labels", parents=[common, out], help="zero-shot labels from stored embeddings")
+    p.add_argument("action", choices=["run", "define", "list"],
+                   help="run: score images against label sets; define: add a set; list: show sets")
+    p.add_argument("name", nargs="?", help="define: the label set's name")
+    p.add_argument("labels", nargs="*", metavar="LABEL=PROMPT[|PROMPT…]", help="define: its labels")
+    p.add_argument("--set", action="append", help="run: only this label set (repeatable)")
+    p.add_argument("--template", action="append", help='define: prompt template, "{}" is the prompt')
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("clusters", parents=[common, out], help="group images by k-means on embeddings")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("-k", default="auto", help="number of clusters, or auto (best silhouette)")
+    p.set_defaults(func=cmd_clusters)
+
+    p = sub.add_parser("map", parents=[common], help="2-D map of the images: PNG and HTML")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--html", type=Path, help="interactive page (default: --out with .html)")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("--method", choices=["auto", "umap", "pca"], help="default [analysis] map_method")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("duplicates", parents=[common, out], help="exact and near-duplicate images")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("--threshold", type=float, help="cosine threshold (default [analysis] duplicate_threshold)")
+    p.set_defaults(func=cmd_duplicates)
+
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)
 
@@ -237,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
-        RecordedDataIncomplete, duckdb.Error, FileNotFoundError)
+        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, LabelError)
     try:
         return args.func(args)
     except errors as e:
