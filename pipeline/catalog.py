@@ -123,7 +123,7 @@ def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerpr
     count = con.execute("SELECT count(*) FROM search_rows").fetchone()[0]
     reader = con.execute("""SELECT e.embedding FROM search_rows r JOIN embeddings e USING (sha256)
                             ORDER BY r.row""")
-    write_matrix(data_dir / relative, count, dim, reader.fetch_record_batch(65536))
+    write_matrix(data_dir / relative, count, dim, reader.to_arrow_reader(65536))
     return relative
 
 

@@ -146,6 +146,10 @@ def validate_where(predicate: str) -> str:
                               f"(use columns such as account, likes, taken_at, hashtags, post_caption)")
     if depth != 0:
         raise SearchError("--where: unbalanced parentheses")
+    code = "".join(predicate[start:end] for (start, kind), end in zip(tokens, ends)
+                   if kind != duckdb.token_type.string_const)
+    if "--" in code or "/*" in code or ";" in code:
+        raise SearchError("--where must be one filter expression (no ';', no comments)")
     try:
         statements = duckdb.connect().extract_statements(
             f"SELECT media_id FROM images WHERE ({predicate})") if predicate.strip() else []
