@@ -208,7 +208,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold)
     catalog.republish(cfg.data_dir)
     con = catalog.connect(cfg.data_dir)
-    relation = con.execute("""SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity
+    relation = con.execute("""SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity, sha256
                               FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""",
                            [args.account or store.ALL_ACCOUNTS])
     report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
