@@ -114,11 +114,11 @@ def test_duplicates_threshold_and_exact_copies(analysed, capsys):
     assert {ids[i], ids[j]} <= {r["sha256"] for r in rows if r["kind"] == "near"}
     assert _json(cfg, capsys, "duplicates", "--threshold", f"{best + 1e-3}") == []
     # the same file posted by a second account: an exact group across accounts, none within one
-    media = con.execute("SELECT * EXCLUDE (account, updated_at) FROM media LIMIT 1").fetch_df()
-    row = media.to_dict("records")[0]
+    row = con.execute("SELECT * EXCLUDE (account, updated_at) FROM media WHERE status = 'done' "
+                      "ORDER BY media_id LIMIT 1").to_arrow_table().to_pylist()[0]
     tables.write_part(cfg.data_dir, tables.MEDIA, "repost.account", [row])
     posts = con.execute("SELECT * EXCLUDE (account, updated_at) FROM posts WHERE shortcode = ?",
-                        [row["shortcode"]]).fetch_df().to_dict("records")
+                        [row["shortcode"]]).to_arrow_table().to_pylist()
     tables.write_part(cfg.data_dir, tables.POSTS, "repost.account", posts)
     catalog.republish(cfg.data_dir)
     rows = _json(cfg, capsys, "duplicates", "--threshold", "1.01")
