@@ -92,11 +92,11 @@ _MACROS = [
 ]
 # Macros over the CLIP UDFs: created per connection once `register_udfs` has made the UDFs.
 _UDF_MACROS = [
-    """CREATE TEMP MACRO search_text(q, k) AS TABLE
+    """CREATE OR REPLACE TEMP MACRO search_text(q, k) AS TABLE
        SELECT i.*, array_cosine_similarity(e.embedding, clip_text(q)) AS score
        FROM images i JOIN embeddings e USING (sha256)
        ORDER BY score DESC, i.media_id LIMIT k""",
-    """CREATE TEMP MACRO search_image(file, k) AS TABLE
+    """CREATE OR REPLACE TEMP MACRO search_image(file, k) AS TABLE
        SELECT i.*, array_cosine_similarity(e.embedding, clip_image(file)) AS score
        FROM images i JOIN embeddings e USING (sha256)
        ORDER BY score DESC, i.media_id LIMIT k""",
@@ -233,8 +233,12 @@ def register_udfs(con: duckdb.DuckDBPyConnection, encoder: Any) -> None:
         return encoder.encode_images(pixels)[0].tolist()
 
     vector = duckdb.sqltype(f"FLOAT[{encoder.dim}]")
-    con.create_function("clip_text", clip_text, [duckdb.sqltype("VARCHAR")], vector, side_effects=False)
-    con.create_function("clip_image", clip_image, [duckdb.sqltype("VARCHAR")], vector,
-                        side_effects=False)
+    for name, function in (("clip_text", clip_text), ("clip_image", clip_image)):
+        try:
+            con.create_function(name, function, [duckdb.sqltype("VARCHAR")], vector, side_effects=False)
+        except duckdb.CatalogException:
+            # connections to one file in one process share one database, and its UDFs: an
+            # earlier connection of this process registered it (with the same cached encoder)
+            pass
     for macro in _UDF_MACROS:
         con.execute(macro)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,10 @@ def test_kmeans_and_silhouette_recover_separated_groups():
     assert sorted(np.bincount(assign).tolist()) == [30, 30, 30, 30]
 
 
-def test_duplicates_threshold_and_exact_copies(analysed, capsys):
-    cfg = analysed
+def test_duplicates_threshold_and_exact_copies(analysed, capsys, make_config, tmp_path):
+    # a copy: the repost added below must not leak into other tests' data
+    shutil.copytree(analysed.data_dir, tmp_path / "data")
+    cfg = make_config(tmp_path / "data")
     con = catalog.connect(cfg.data_dir)
     ids, vectors = zip(*con.execute("SELECT sha256, embedding FROM embeddings").fetchall())
     sims = np.asarray(vectors) @ np.asarray(vectors).T
