@@ -218,27 +218,46 @@ def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     return dict(con.execute("SELECT key, value FROM clipgram_meta").fetchall())
 
 
+# The encoder the SQL UDFs use. Connections to one file in one process share one DuckDB
+# database and its UDFs, so the functions are registered once and look the encoder up here.
+_UDF_ENCODER: dict[str, Any] = {}
+
+
+@lru_cache(maxsize=256)  # DuckDB may call a scalar UDF once per row, even for a constant
+def _encode_text(model: str, text: str) -> list[float]:
+    return _UDF_ENCODER[model].encode_text([text])[0].tolist()
+
+
+@lru_cache(maxsize=64)
+def _encode_image(model: str, path: str) -> list[float]:
+    from pipeline import images
+
+    encoder = _UDF_ENCODER[model]
+    pixels = encoder.preprocess(images.load_rgb(Path(path).expanduser())).unsqueeze(0)
+    return encoder.encode_images(pixels)[0].tolist()
+
+
+# Module-level, so they live as long as the process: DuckDB keeps only a borrowed reference
+# to a UDF, which must outlive every connection of the database it was registered on.
+def clip_text(text: str) -> list[float]:
+    return _encode_text(next(iter(_UDF_ENCODER)), text)
+
+
+def clip_image(path: str) -> list[float]:
+    return _encode_image(next(iter(_UDF_ENCODER)), path)
+
+
 def register_udfs(con: duckdb.DuckDBPyConnection, encoder: Any) -> None:
     """CLIP in plain SQL: `clip_text(text)` and `clip_image(path)` → FLOAT[d] unit vectors,
     and the table macros `search_text(q, k)` and `search_image(path, k)` built on them."""
-    from pipeline import images
-
-    @lru_cache(maxsize=256)  # DuckDB may call a scalar UDF once per row, even for a constant
-    def clip_text(text: str) -> list[float]:
-        return encoder.encode_text([text])[0].tolist()
-
-    @lru_cache(maxsize=64)
-    def clip_image(path: str) -> list[float]:
-        pixels = encoder.preprocess(images.load_rgb(Path(path).expanduser())).unsqueeze(0)
-        return encoder.encode_images(pixels)[0].tolist()
-
+    _UDF_ENCODER.clear()
+    _UDF_ENCODER[encoder.id] = encoder
     vector = duckdb.sqltype(f"FLOAT[{encoder.dim}]")
-    for name, function in (("clip_text", clip_text), ("clip_image", clip_image)):
+    for function in (clip_text, clip_image):
         try:
-            con.create_function(name, function, [duckdb.sqltype("VARCHAR")], vector, side_effects=False)
+            con.create_function(function.__name__, function, [duckdb.sqltype("VARCHAR")], vector,
+                                side_effects=False)
         except duckdb.CatalogException:
-            # connections to one file in one process share one database, and its UDFs: an
-            # earlier connection of this process registered it (with the same cached encoder)
-            pass
+            pass  # registered by an earlier connection of this process to the same database
     for macro in _UDF_MACROS:
         con.execute(macro)

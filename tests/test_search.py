@@ -131,7 +131,7 @@ def test_sql_macros_agree_with_the_cli(env, capsys):
     cfg, _, _ = env
     code, cli_hits = _cli(cfg, capsys, "search", "a green circle", "--mode", "clip", "-k", "5")
     code2, sql_rows = _cli(cfg, capsys, "sql", "SELECT media_id, score FROM search_text('a green circle', 5)")
-    assert code == code2 == 0
+    assert code == code2 == 0, sql_rows
     assert code2 == 0, sql_rows
     assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in cli_hits]
     assert [r["score"] for r in sql_rows] == pytest.approx([h["score"] for h in cli_hits], abs=1e-4)
