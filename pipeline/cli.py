@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from pipeline import catalog, report, search, stages
+from pipeline.analysis.labels import LabelError
 from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
 from pipeline.lock import AccountBusy
 from pipeline.models import clip
@@ -110,12 +112,38 @@ def _search(cfg: Config, query: str, k: int, captions: bool) -> list[search.Hit]
     return search.text_search(con, cfg.data_dir, clip.from_config(cfg.models), query, k)
 
 
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def _filters(args: argparse.Namespace) -> search.Filters:
+    return search.Filters(
+        accounts=args.account or [], since=args.since, until=args.until, hashtags=args.hashtag or [],
+        min_likes=args.min_likes, labels=[search.parse_label_filter(t) for t in args.label or []],
+        where=args.where)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    hits = _search(cfg, args.query, args.k or cfg.search.k, args.captions)
+    terms = search.parse_query(args.query) if args.query else []
+    terms += [search.Term("image", str(p)) for p in args.image or []]
+    terms += [search.Term("like", m) for m in args.like or []]
+    if not terms:
+        raise search.SearchError("nothing to search for: give a query, --image FILE or --like MEDIA_ID")
+    mode = "captions" if args.captions else args.mode
+    con = catalog.connect(cfg.data_dir)  # read-only: a search never writes
+    needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
+    encoder = clip.from_config(cfg.models) if needs_model else None
+    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode,
+                               _filters(args), encoder)
+    log.info("%s search: %d hits", mode, len(hits))
     report.print_hits(hits, _format(args))
     if args.html:
-        report.write_html(args.html, [(args.query, hits)])
+        title = " + ".join(f"{t.weight:g}·{t.value}" if t.weight != 1 else t.value for t in terms)
+        report.write_html(args.html, [(f"{title} ({mode})", hits)])
         log.info("results page written to %s", args.html)
     return 0
 
@@ -149,6 +177,82 @@ def cmd_sql(args: argparse.Namespace) -> int:
             except duckdb.Error as e:
                 print(f"error: {e}", file=sys.stderr)
             buffer = ""
+
+
+def _stored_model(cfg: Config) -> str:
+    """The CLIP model id the catalog's embeddings are from: analysis reads those, never re-encodes."""
+    with catalog.connect(cfg.data_dir) as con:
+        model = catalog.meta(con).get("clip_model")
+    if not model:
+        raise search.SearchError("the catalog has no embeddings: run `clipgram ingest` with a CLIP model")
+    return model
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from pipeline.analysis import labels
+
+    cfg = _config(args)
+    if args.action == "define":
+        pairs = [search.parse_label_filter(p) for p in args.labels]
+        path = labels.define(cfg.data_dir, args.name, {k: v.split("|") for k, v in pairs}, args.template)
+        log.info("label set %s written to %s; score it with `clipgram labels run --set %s`",
+                 args.name, path, args.name)
+        return 0
+    if args.action == "list":
+        rows = [[s.name, label, " | ".join(s.prompts(label))]
+                for s in labels.load_sets(cfg.data_dir).values() for label in s.labels]
+        report.print_rows(["label_set", "label", "prompts"], rows, _format(args))
+        return 0
+    encoder = clip.from_config(cfg.models)
+    if encoder.id != _stored_model(cfg):
+        raise search.SearchError(f"the catalog's embeddings are from {_stored_model(cfg)}, not "
+                                 f"{encoder.id}: pass the same --clip-model")
+    results = labels.run(cfg.data_dir, encoder, args.set)
+    catalog.republish(cfg.data_dir)
+    report.print_rows(["label_set", "images", "note"], [[r.account, r.done, r.note] for r in results])
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from pipeline.analysis import clusters, store
+
+    cfg = _config(args)
+    k = None if args.k == "auto" else int(args.k)
+    clusters.run(cfg.data_dir, _stored_model(cfg), args.account, k, cfg.analysis.k_max)
+    catalog.republish(cfg.data_dir)
+    con = catalog.connect(cfg.data_dir)
+    relation = con.execute("""SELECT cluster, cluster_name, count(*) AS images,
+                                     round(avg(similarity), 3) AS cohesion, any_value(silhouette) AS silhouette
+                              FROM clusters WHERE scope = ? GROUP BY ALL ORDER BY images DESC, cluster""",
+                           [args.account or store.ALL_ACCOUNTS])
+    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from pipeline.analysis import projection
+
+    cfg = _config(args)
+    page = args.html or args.out.with_suffix(".html")
+    result = projection.run(cfg.data_dir, _stored_model(cfg), args.account, args.out, page,
+                            args.method or cfg.analysis.map_method)
+    print(f"map ({result.note})")
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from pipeline.analysis import duplicates, store
+
+    cfg = _config(args)
+    threshold = args.threshold if args.threshold is not None else cfg.analysis.duplicate_threshold
+    duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold)
+    catalog.republish(cfg.data_dir)
+    con = catalog.connect(cfg.data_dir)
+    relation = con.execute("""SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity, sha256
+                              FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""",
+                           [args.account or store.ALL_ACCOUNTS])
+    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    return 0
 
 
 def _status(cfg: Config) -> list[dict]:
@@ -268,16 +372,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-dir", help="where to save it (default instaloader's)")
     p.set_defaults(func=cmd_login)
 
-    p = sub.add_parser("search", parents=[common, out], help="text → image search")
-    p.add_argument("query")
+    p = sub.add_parser("search", parents=[common, out], help="search images by text, image or caption",
+                       description=search.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("query", nargs="?", help='text, or arithmetic: \'"2:a dog" + photo.jpg - "fruit"\'')
     p.add_argument("-k", type=int, help="number of results (default [search] k)")
-    p.add_argument("--captions", action="store_true", help="BM25 full-text over captions instead")
+    p.add_argument("--image", action="append", type=Path, help="an image file to search by (repeatable)")
+    p.add_argument("--like", action="append", metavar="MEDIA_ID", help="images like a stored one")
+    p.add_argument("--mode", choices=search.MODES, default="auto",
+                   help="auto (hybrid for text when captions exist, else clip), clip, captions, hybrid")
+    p.add_argument("--captions", action="store_true", help="same as --mode captions (BM25 only)")
+    p.add_argument("--account", action="append", help="only this account (repeatable)")
+    p.add_argument("--since", type=_date, help="posted on or after YYYY-MM-DD")
+    p.add_argument("--until", type=_date, help="posted on or before YYYY-MM-DD")
+    p.add_argument("--hashtag", action="append", help="post has this hashtag (repeatable: all of them)")
+    p.add_argument("--min-likes", type=int, help="at least N likes")
+    p.add_argument("--label", action="append", metavar="SET=LABEL",
+                   help="best zero-shot label of SET is LABEL (see `clipgram labels`)")
+    p.add_argument("--where", help="SQL predicate over the images view, e.g. \"likes > 100\"")
     p.add_argument("--html", type=Path, help="also write a results page with thumbnails")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("sql", parents=[common, out], help="run SQL on the catalog (shell if no query)")
     p.add_argument("query", nargs="?")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("labels", parents=[common, out], help="zero-shot labels from stored embeddings")
+    p.add_argument("action", choices=["run", "define", "list"],
+                   help="run: score images against label sets; define: add a set; list: show sets")
+    p.add_argument("name", nargs="?", help="define: the label set's name")
+    p.add_argument("labels", nargs="*", metavar="LABEL=PROMPT[|PROMPT…]", help="define: its labels")
+    p.add_argument("--set", action="append", help="run: only this label set (repeatable)")
+    p.add_argument("--template", action="append", help='define: prompt template, "{}" is the prompt')
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("clusters", parents=[common, out], help="group images by k-means on embeddings")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("-k", default="auto", help="number of clusters, or auto (best silhouette)")
+    p.set_defaults(func=cmd_clusters)
+
+    p = sub.add_parser("map", parents=[common], help="2-D map of the images: PNG and HTML")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--html", type=Path, help="interactive page (default: --out with .html)")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("--method", choices=["auto", "umap", "pca"], help="default [analysis] map_method")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("duplicates", parents=[common, out], help="exact and near-duplicate images")
+    p.add_argument("--account", help="only this account (default: across all)")
+    p.add_argument("--threshold", type=float, help="cosine threshold (default [analysis] duplicate_threshold)")
+    p.set_defaults(func=cmd_duplicates)
 
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)
@@ -309,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
-        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList, AccountBusy)
+        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList, AccountBusy,
+        LabelError)
     try:
         return args.func(args)
     except errors as e:

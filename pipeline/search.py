@@ -1,15 +1,43 @@
-"""Search the catalog: text→image with CLIP, and BM25 full-text over captions."""
+"""Search the catalog: CLIP text/image vectors, BM25 over captions, and both fused.
+
+A query is weighted arithmetic over terms: `"2:golden retriever" + photo.jpg - "fruit"`
+is 2·text("golden retriever") + image(photo.jpg) − text("fruit"), normalised.
+Quoted terms are text; an unquoted term naming an image file is an image; a
+plain query without quotes or ` + ` / ` - ` is one text term.
+
+Vectors are scored against a memory-mapped float32 matrix that `publish`
+writes beside the catalog (one row per searchable image, `search_rows` maps
+rows to media ids): a matrix product, instead of a scan of Parquet.
+
+Hybrid search (the default for a text query when captions exist) fuses the
+CLIP ranking and the BM25 ranking by reciprocal rank fusion:
+score(image) = Σ over the two rankings of 1 / (RRF_K + rank), rank counted
+from 1 and taken within the top `max(RRF_POOL, k)` of each ranking; an image
+missing from one ranking gets nothing from it. RRF needs no score calibration
+between cosine and BM25, and RRF_K = 60 is the constant of Cormack et al. (2009).
+
+Filters (`Filters`) become one SQL predicate over the `images` view, applied
+before ranking, so a filtered top-k is the top-k of the filtered images.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
-from pipeline import catalog
+from pipeline import catalog, images
 from pipeline.models import clip
+
+RRF_K = 60
+RRF_POOL = 100
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic"}
 
 
 class SearchError(RuntimeError):
@@ -31,43 +59,337 @@ class Hit:
         return asdict(self)
 
 
+# --- the query: weighted terms ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Term:
+    kind: str           # text | image | like (a stored image, by media id)
+    value: str
+    weight: float = 1.0
+
+
+_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:(.+)$", re.DOTALL)
+_OPERATOR = re.compile(r"\s+([+-])\s+")
+
+
+def _term(raw: str, quoted: bool, sign: float) -> Term:
+    weight, value = 1.0, raw.strip()
+    if (m := _WEIGHT.match(value)) is not None:
+        weight, value = float(m.group(1)), m.group(2).strip()
+    if not value:
+        raise SearchError(f"empty term in query near {raw!r}")
+    if not quoted and Path(value).suffix.lower() in IMAGE_SUFFIXES:
+        if not Path(value).expanduser().is_file():
+            raise SearchError(f"image {value} not found: give an existing file, or quote the text")
+        return Term("image", str(Path(value).expanduser()), sign * weight)
+    return Term("text", value, sign * weight)
+
+
+def parse_query(query: str) -> list[Term]:
+    """`"2:a dog" + photo.jpg - "fruit"` → [Term(text, a dog, 2), Term(image, …), Term(text, fruit, -1)]."""
+    terms: list[Term] = []
+    rest, sign = query.strip(), 1.0
+    while rest:
+        if rest[0] in "\"'":
+            end = rest.find(rest[0], 1)
+            if end < 0:
+                raise SearchError(f"unclosed quote in query: {query!r}")
+            terms.append(_term(rest[1:end], True, sign))
+            rest = rest[end + 1:]
+        else:
+            m = _OPERATOR.search(rest)
+            terms.append(_term(rest[:m.start()] if m else rest, False, sign))
+            rest = rest[m.start():] if m else ""
+        rest = rest.strip()
+        if rest:
+            if rest[0] not in "+-":
+                raise SearchError(f"expected + or - between terms in {query!r}, at {rest!r}")
+            sign, rest = (1.0 if rest[0] == "+" else -1.0), rest[1:].strip()
+    if not terms:
+        raise SearchError("empty query: give text, an image file, --image or --like")
+    return terms
+
+
+# --- filters: one predicate over `images`, with bound parameters --------------------------------
+
+# Statements and table functions a filter predicate has no business with.
+_FORBIDDEN_WORDS = {
+    "drop", "attach", "detach", "copy", "install", "load", "create", "insert", "update", "delete",
+    "alter", "pragma", "set", "reset", "call", "export", "import", "checkpoint", "vacuum", "use",
+    "truncate", "begin", "commit", "rollback", "transaction", "grant", "revoke", "union",
+    "intersect", "except", "into", "summarize", "describe", "show",
+    "glob", "query", "query_table", "sniff_csv", "parquet_scan", "getenv", "current_setting",
+}
+_FORBIDDEN_PREFIXES = ("read_", "parquet_", "duckdb_")
+
+
+def validate_where(predicate: str) -> str:
+    """A user's `--where` if it is a plain boolean expression; SearchError saying why if not."""
+    try:
+        tokens = duckdb.tokenize(predicate)
+    except duckdb.Error as e:
+        raise SearchError(f"--where does not parse: {e}") from None
+    ends = [start for start, _ in tokens[1:]] + [len(predicate)]
+    depth = 0
+    for (start, kind), end in zip(tokens, ends):
+        text = predicate[start:end].strip()
+        if kind == duckdb.token_type.comment:
+            raise SearchError("--where: comments are not allowed in a filter")
+        if kind == duckdb.token_type.operator:
+            depth += text.count("(") - text.count(")")
+            if ";" in text or depth < 0:
+                raise SearchError("--where must be one filter expression (no ';', balanced parentheses)")
+        word = text.lower().strip('"')
+        if kind in (duckdb.token_type.keyword, duckdb.token_type.identifier) and (
+                word in _FORBIDDEN_WORDS or word.startswith(_FORBIDDEN_PREFIXES)):
+            raise SearchError(f"--where is a filter over the images view: {text.upper()} is not allowed "
+                              f"(use columns such as account, likes, taken_at, hashtags, post_caption)")
+    if depth != 0:
+        raise SearchError("--where: unbalanced parentheses")
+    code = "".join(predicate[start:end] for (start, kind), end in zip(tokens, ends)
+                   if kind != duckdb.token_type.string_const)
+    if "--" in code or "/*" in code or ";" in code:
+        raise SearchError("--where must be one filter expression (no ';', no comments)")
+    try:
+        statements = duckdb.connect().extract_statements(
+            f"SELECT media_id FROM images WHERE ({predicate})") if predicate.strip() else []
+    except duckdb.Error as e:
+        raise SearchError(f"--where does not parse: {e}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise SearchError("--where must be a single boolean expression over the images view")
+    return predicate
+
+
+@dataclass
+class Filters:
+    accounts: list[str] = field(default_factory=list)
+    since: date | None = None
+    until: date | None = None           # inclusive: the whole day
+    hashtags: list[str] = field(default_factory=list)   # every one must be on the post
+    min_likes: int | None = None
+    labels: list[tuple[str, str]] = field(default_factory=list)  # (label set, label) ranked first
+    where: str | None = None            # validated SQL predicate over `images`
+
+    def __bool__(self) -> bool:
+        return any(vars(self).values())
+
+    def media_sql(self) -> tuple[str, list[Any]]:
+        """`SELECT media_id FROM images WHERE …` selecting the images that pass, and its parameters."""
+        clauses, params = ["true"], []
+        if self.accounts:
+            clauses.append("list_contains(?::VARCHAR[], account)")
+            params.append(self.accounts)
+        if self.since:
+            clauses.append("taken_at >= ?::DATE")
+            params.append(self.since)
+        if self.until:
+            clauses.append("taken_at < ?::DATE + INTERVAL 1 DAY")
+            params.append(self.until)
+        if self.hashtags:
+            clauses.append("list_has_all(list_transform(hashtags, t -> lower(t)), ?::VARCHAR[])")
+            params.append([t.lstrip("#").lower() for t in self.hashtags])
+        if self.min_likes is not None:
+            clauses.append("likes >= ?")
+            params.append(self.min_likes)
+        for label_set, label in self.labels:
+            clauses.append("sha256 IN (SELECT sha256 FROM labels WHERE label_set = ? AND label = ? "
+                           "AND rank = 1)")
+            params += [label_set, label]
+        if self.where:
+            clauses.append(f"({validate_where(self.where)})")
+        return f"SELECT media_id FROM images WHERE {' AND '.join(clauses)}", params
+
+
+def parse_label_filter(text: str) -> tuple[str, str]:
+    """`SET=LABEL` → (SET, LABEL)."""
+    label_set, sep, label = text.partition("=")
+    if not sep or not label_set.strip() or not label.strip():
+        raise SearchError(f"--label expects SET=LABEL (e.g. shape=circle), got {text!r}")
+    return label_set.strip(), label.strip()
+
+
+# --- the vector index: a memory-mapped matrix ---------------------------------------------------
+
+def write_matrix(path: Path, count: int, dim: int, batches: Iterable[pa.RecordBatch]) -> Path:
+    """Stream FLOAT[dim] batches (first column) into a float32 .npy at `path`, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+    row = 0
+    for batch in batches:
+        values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        block = values.reshape(-1, dim)
+        matrix[row:row + len(block)] = block
+        row += len(block)
+    if row != count:
+        raise RuntimeError(f"vector index: expected {count} rows, got {row}")
+    matrix.flush()
+    del matrix
+    tmp.replace(path)
+    return path
+
+
+class VectorIndex:
+    """Unit vectors, one row per searchable image; top-k by cosine (= dot product)."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = matrix
+
+    @classmethod
+    def open(cls, con: duckdb.DuckDBPyConnection, data_dir: Path) -> "VectorIndex":
+        relative = catalog.meta(con).get("vector_index")
+        path = data_dir / relative if relative else None
+        if path is None or not path.exists():
+            raise SearchError(f"no vector index in {data_dir}: run `clipgram ingest` (its publish "
+                              f"stage writes one) with a CLIP model")
+        return cls(np.load(path, mmap_mode="r"))
+
+    def top(self, query: np.ndarray, k: int, rows: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the `k` best rows, restricted to `rows` when given, best first."""
+        scores = self.matrix @ query.astype(np.float32)
+        if rows is not None:
+            scores = scores[rows]
+        k = min(k, len(scores))
+        if k == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.lexsort((best, -scores[best]))]  # by score, ties by row (= media id order)
+        return (rows[best] if rows is not None else best), scores[best]
+
+
+# --- running a search ---------------------------------------------------------------------------
+
 _HIT_COLUMNS = """i.account, i.shortcode, i.media_id,
     coalesce(i.generated_caption, i.post_caption, '') AS caption, i.path, i.permalink"""
 
 
-def _hits(rows: list[tuple], data_dir: Path) -> list[Hit]:
-    return [
-        Hit(rank, float(score), account, shortcode, media_id, caption,
-            str(data_dir / path), permalink)
-        for rank, (score, account, shortcode, media_id, caption, path, permalink)
-        in enumerate(rows, start=1)
-    ]
+def _hits(con: duckdb.DuckDBPyConnection, data_dir: Path, ranked: list[tuple[str, float]]) -> list[Hit]:
+    """Hits for (media_id, score) pairs, in the given order."""
+    if not ranked:
+        return []
+    rows = {r[2]: r for r in con.execute(
+        f"SELECT {_HIT_COLUMNS} FROM images i WHERE list_contains(?::VARCHAR[], i.media_id)",
+        [[m for m, _ in ranked]]).fetchall()}
+    return [Hit(rank, float(score), *rows[m][:4], str(data_dir / rows[m][4]), rows[m][5])
+            for rank, (m, score) in enumerate(ranked, start=1)]
 
 
-def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.ClipEncoder,
-                query: str, k: int = 10) -> list[Hit]:
-    """Images ranked by cosine similarity of their CLIP embedding to `query`'s."""
+def _check_model(con: duckdb.DuckDBPyConnection, encoder: clip.ClipEncoder) -> None:
     stored = catalog.meta(con).get("clip_model")
     if stored != encoder.id:
         raise SearchError(
             f"the catalog's embeddings are from {stored}, not {encoder.id}: "
             f"search with the same model (--clip-model) or run `clipgram ingest` with this one")
-    vector = encoder.encode_text([query])[0].tolist()
-    rows = con.execute(f"""
-        SELECT array_cosine_similarity(e.embedding, ?::FLOAT[{encoder.dim}]) AS score, {_HIT_COLUMNS}
-        FROM images i JOIN embeddings e USING (sha256)
-        ORDER BY score DESC, i.media_id LIMIT ?""", [vector, k]).fetchall()
-    return _hits(rows, data_dir)
 
 
-def caption_search(con: duckdb.DuckDBPyConnection, data_dir: Path, query: str,
-                   k: int = 10) -> list[Hit]:
+def query_vector(con: duckdb.DuckDBPyConnection, index: VectorIndex, terms: list[Term],
+                 encoder: clip.ClipEncoder | None) -> np.ndarray:
+    """Σ weight · unit vector of each term, normalised."""
+    total = np.zeros(index.matrix.shape[1], dtype=np.float32)
+    for term in terms:
+        if term.kind == "like":
+            found = con.execute("SELECT row FROM search_rows WHERE media_id = ?", [term.value]).fetchone()
+            if found is None:
+                raise SearchError(f"no embedded image with media id {term.value!r}: "
+                                  f"see `clipgram sql \"SELECT media_id FROM images\"`")
+            vector = np.asarray(index.matrix[found[0]], dtype=np.float32)
+        else:
+            if encoder is None:
+                raise SearchError("this query needs a CLIP model to encode it")
+            _check_model(con, encoder)
+            if term.kind == "text":
+                vector = encoder.encode_text([term.value])[0]
+            else:
+                pixels = encoder.preprocess(images.load_rgb(Path(term.value))).unsqueeze(0)
+                vector = encoder.encode_images(pixels)[0]
+        total += term.weight * vector
+    norm = float(np.linalg.norm(total))
+    if norm == 0:
+        raise SearchError("the query's terms cancel out: nothing to search for")
+    return total / norm
+
+
+def _candidate_rows(con: duckdb.DuckDBPyConnection, filters: Filters) -> np.ndarray | None:
+    if not filters:
+        return None
+    sql, params = filters.media_sql()
+    found = con.execute(f"SELECT row FROM search_rows WHERE media_id IN ({sql}) ORDER BY row",
+                        params).fetchnumpy()["row"]
+    return np.asarray(found, dtype=np.int64)
+
+
+def vector_ranking(con: duckdb.DuckDBPyConnection, index: VectorIndex, vector: np.ndarray, k: int,
+                   filters: Filters, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+    """(media_id, cosine) of the best `k` images that pass `filters`, best first."""
+    rows, scores = index.top(vector, k + len(exclude), _candidate_rows(con, filters))
+    ids = dict(con.execute("SELECT row, media_id FROM search_rows WHERE list_contains(?::INTEGER[], row)",
+                           [rows.tolist()]).fetchall())
+    return [(ids[r], float(s)) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
+
+
+def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int,
+                    filters: Filters) -> list[tuple[str, float]]:
+    """(media_id, BM25 score) over generated captions, post captions, hashtags and alt text."""
+    sql, params = filters.media_sql()
+    return [(m, float(s)) for m, s in con.execute(f"""
+        SELECT media_id, score FROM
+          (SELECT media_id, fts_main_documents.match_bm25(media_id, ?) AS score FROM documents)
+        WHERE score IS NOT NULL AND media_id IN ({sql})
+        ORDER BY score DESC, media_id LIMIT ?""", [query, *params, k]).fetchall()]
+
+
+def fuse(rankings: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: Σ 1 / (RRF_K + rank) per media id; ties by media id."""
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, (media_id, _) in enumerate(ranking, start=1):
+            fused[media_id] = fused.get(media_id, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+
+
+def has_captions(con: duckdb.DuckDBPyConnection) -> bool:
+    return con.execute("SELECT count(*) FROM documents WHERE length(generated_caption) > 0 "
+                       "OR length(post_caption) > 0 OR length(hashtags) > 0").fetchone()[0] > 0
+
+
+MODES = ("auto", "clip", "captions", "hybrid")
+
+
+def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k: int = 10,
+           mode: str = "auto", filters: Filters | None = None,
+           encoder: clip.ClipEncoder | None = None) -> tuple[str, list[Hit]]:
+    """Run a search; returns the mode it ran in (auto resolved) and the hits, best first.
+
+    auto = hybrid for a query of positive text terms when captions exist, else CLIP.
+    """
+    filters = filters or Filters()
+    text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
+    if mode == "auto":
+        mode = "hybrid" if text_only and has_captions(con) else "clip"
+    if mode in ("captions", "hybrid") and not text_only:
+        raise SearchError(f"--mode {mode} needs text only (no images, --like or negative terms)")
+    words = " ".join(t.value for t in terms)
+    if mode == "captions":
+        return mode, _hits(con, data_dir, caption_ranking(con, words, k, filters))
+    index = VectorIndex.open(con, data_dir)
+    vector = query_vector(con, index, terms, encoder)
+    exclude = {t.value for t in terms if t.kind == "like"}  # an image is trivially like itself
+    if mode == "clip":
+        return mode, _hits(con, data_dir, vector_ranking(con, index, vector, k, filters, exclude))
+    pool = max(RRF_POOL, k)
+    ranked = fuse([vector_ranking(con, index, vector, pool, filters),
+                   caption_ranking(con, words, pool, filters)], k)
+    return mode, _hits(con, data_dir, ranked)
+
+
+def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.ClipEncoder,
+                query: str, k: int = 10, filters: Filters | None = None) -> list[Hit]:
+    """Images ranked by cosine similarity of their CLIP embedding to `query`'s."""
+    return search(con, data_dir, [Term("text", query)], k, "clip", filters, encoder)[1]
+
+
+def caption_search(con: duckdb.DuckDBPyConnection, data_dir: Path, query: str, k: int = 10,
+                   filters: Filters | None = None) -> list[Hit]:
     """BM25 over generated captions, post captions, hashtags and alt text."""
-    rows = con.execute(f"""
-        SELECT d.score, {_HIT_COLUMNS}
-        FROM (SELECT media_id, fts_main_documents.match_bm25(media_id, ?) AS score
-              FROM documents) d
-        JOIN images i USING (media_id)
-        WHERE d.score IS NOT NULL
-        ORDER BY d.score DESC, i.media_id LIMIT ?""", [query, k]).fetchall()
-    return _hits(rows, data_dir)
+    return search(con, data_dir, [Term("text", query)], k, "captions", filters)[1]

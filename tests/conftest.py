@@ -69,3 +69,16 @@ def make_config(tiny_clip_ckpt, tiny_coca_ckpt):
         return load_config(overrides=overrides, environ={})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ingested_sample(prefect_harness, make_config, sample_site, tmp_path_factory):
+    """The sample profile ingested once for the search and analysis tests (they only add
+    derived tables, which each test that needs them writes itself)."""
+    from flows.ingest import ingest_account
+    from pipeline import demo
+
+    recorded = demo.materialize(tmp_path_factory.mktemp("recorded-shared"), sample_site)
+    cfg = make_config(tmp_path_factory.mktemp("data-shared"))
+    ingest_account(demo.ACCOUNT, cfg.as_dict(), str(recorded))
+    return cfg

@@ -1,0 +1,147 @@
+"""Zero-shot labels: score every stored image embedding against sets of text prompts.
+
+A label's vector is the normalised mean of the CLIP text embeddings of all its
+prompts × the set's templates (prompt ensembling, as in the CLIP paper). An
+image's score for a label is the softmax, over the set's labels, of cosine ×
+CLIP's logit scale: the probability the model gives that label among the set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tables
+from pipeline.analysis import store
+from pipeline.config import CONFIG_DIR
+from pipeline.stages import StageResult
+
+log = logging.getLogger("clipgram")
+
+CONFIG_FILE = CONFIG_DIR / "labels.toml"
+USER_FILE = "labels.toml"   # in the data directory: sets from `clipgram labels define`
+
+
+class LabelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    labels: dict[str, list[str]]     # label → prompts
+    templates: list[str]
+
+    def prompts(self, label: str) -> list[str]:
+        return [t.replace("{}", p) for p in self.labels[label] for t in self.templates]
+
+
+def _parse(doc: dict[str, Any], origin: str) -> dict[str, LabelSet]:
+    default_templates = doc.get("templates", {}).get("default", ["{}"])
+    sets = {}
+    for name, body in doc.items():
+        if name == "templates":
+            continue
+        labels = body.get("labels") if isinstance(body, dict) else None
+        if not isinstance(labels, dict) or len(labels) < 2:
+            raise LabelError(f"[{name}] in {origin}: needs a [{name}.labels] table with two labels or more")
+        sets[name] = LabelSet(
+            tables.check_partition_value(name),
+            {label: [prompts] if isinstance(prompts, str) else list(prompts)
+             for label, prompts in labels.items()},
+            list(body.get("templates", default_templates)))
+    return sets
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise LabelError(f"{path}: {e}") from None
+
+
+def load_sets(data_dir: Path) -> dict[str, LabelSet]:
+    """configs/labels.toml, overridden set by set by the data directory's labels.toml."""
+    base = _read(CONFIG_FILE)
+    user = _read(data_dir / USER_FILE)
+    user.setdefault("templates", base.get("templates", {}))
+    return {**_parse(base, str(CONFIG_FILE)), **_parse(user, str(data_dir / USER_FILE))}
+
+
+def define(data_dir: Path, name: str, labels: dict[str, list[str]], templates: list[str] | None) -> Path:
+    """Add or replace label set `name` in the data directory's labels.toml."""
+    tables.check_partition_value(name)
+    if len(labels) < 2:
+        raise LabelError("a label set needs two labels or more: LABEL=PROMPT LABEL=PROMPT …")
+    doc = _read(data_dir / USER_FILE)
+    doc[name] = {"labels": labels, **({"templates": templates} if templates else {})}
+    lines = []
+    for set_name, body in doc.items():  # TOML strings accept JSON's escapes
+        if set_name == "templates":
+            lines += ["[templates]", *(f"{k} = {json.dumps(v)}" for k, v in body.items()), ""]
+            continue
+        lines.append(f"[{set_name}]")
+        if "templates" in body:
+            lines.append(f"templates = {json.dumps(body['templates'])}")
+        lines.append(f"[{set_name}.labels]")
+        lines += [f"{json.dumps(label)} = {json.dumps(prompts)}" for label, prompts in body["labels"].items()]
+        lines.append("")
+    path = data_dir / USER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def label_vectors(encoder: Any, label_set: LabelSet) -> np.ndarray:
+    """(labels, d) unit vectors: each label's prompt × template embeddings, averaged."""
+    vectors = []
+    for label in label_set.labels:
+        mean = encoder.encode_text(label_set.prompts(label)).mean(axis=0)
+        vectors.append(mean / np.linalg.norm(mean))
+    return np.stack(vectors).astype(np.float32)
+
+
+def score(vectors: np.ndarray, label_vecs: np.ndarray, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, softmax probabilities), both (images, labels)."""
+    cosines = vectors @ label_vecs.T
+    logits = cosines * logit_scale
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return cosines, probs / probs.sum(axis=1, keepdims=True)
+
+
+def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[StageResult]:
+    """Score every stored embedding of the encoder's model against each label set (all by default)."""
+    sets = load_sets(data_dir)
+    unknown = sorted(set(names or []) - set(sets))
+    if unknown:
+        raise LabelError(f"unknown label set(s) {', '.join(unknown)}; known: {', '.join(sorted(sets))} "
+                         f"(add one with `clipgram labels define`)")
+    shas, vectors = store.stored_vectors(data_dir, encoder.id)
+    # the temperature CLIP was trained with; 100 is its usual learned value
+    scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 100.0
+    results = []
+    for name in names or sorted(sets):
+        label_set = sets[name]
+        rows = []
+        if shas:
+            cosines, probs = score(vectors, label_vectors(encoder, label_set), scale)
+            ranks = (-probs).argsort(axis=1).argsort(axis=1) + 1
+            labels = list(label_set.labels)
+            rows = [{"sha256": sha, "label": labels[j], "score": float(probs[i, j]),
+                     "cosine": float(cosines[i, j]), "rank": int(ranks[i, j])}
+                    for i, sha in enumerate(shas) for j in range(len(labels))]
+        store.replace(data_dir, store.LABELS, name, encoder.id, rows)
+        results.append(StageResult("labels", name, done=len(shas),
+                                   note=f"{len(label_set.labels)} labels").log())
+    return results

@@ -1,0 +1,135 @@
+"""A 2-D map of the images: stored embeddings projected (UMAP when installed, else PCA),
+drawn as a PNG of thumbnails and as an interactive HTML page (pan, zoom, links to posts)."""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline import catalog, images
+from pipeline.analysis import store
+from pipeline.stages import StageResult
+
+log = logging.getLogger("clipgram")
+
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+           "#bfef45", "#469990", "#9a6324", "#800000", "#000075"]
+
+
+def project(x: np.ndarray, method: str = "auto") -> tuple[np.ndarray, str]:
+    """(n, 2) coordinates scaled to [0, 1], and the method used (umap or pca)."""
+    if method in ("auto", "umap"):
+        try:
+            import umap  # optional: a better map of local neighbourhoods
+
+            xy, method = umap.UMAP(n_components=2, metric="cosine", random_state=0).fit_transform(x), "umap"
+        except ImportError:
+            if method == "umap":
+                raise RuntimeError("--method umap needs umap-learn: pip install umap-learn") from None
+            method = "pca"
+    if method == "pca":
+        centred = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))  # fewer than 2 images: a flat map
+    span = np.ptp(xy, axis=0)
+    return (xy - xy.min(axis=0)) / np.where(span > 0, span, 1), method
+
+
+def _points(data_dir: Path, model: str, scope: str) -> list[tuple]:
+    """(sha256, x, y, path, permalink, caption, cluster) per image on the stored map."""
+    with catalog.connect(data_dir) as con:
+        return con.execute("""
+            SELECT m.sha256, m.x, m.y, any_value(i.path), any_value(i.permalink),
+                   any_value(coalesce(i.generated_caption, i.post_caption, '')), any_value(c.cluster)
+            FROM map m JOIN images i USING (sha256)
+            LEFT JOIN clusters c ON c.sha256 = m.sha256 AND c.scope = m.scope
+            WHERE m.scope = ? GROUP BY ALL ORDER BY m.sha256""", [scope]).fetchall()
+
+
+def write_png(data_dir: Path, points: list[tuple], out: Path, size: int = 1600, thumb: int = 64) -> Path:
+    """Thumbnails at their map positions, framed in their cluster's colour when clustered."""
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    span = size - thumb - 8
+    for _sha, x, y, path, _link, _caption, cluster in points:
+        left, top = int(4 + x * span), int(4 + (1 - y) * span)
+        picture = images.load_rgb(data_dir / path)
+        picture.thumbnail((thumb, thumb))
+        if cluster is not None:
+            colour = PALETTE[cluster % len(PALETTE)]
+            draw.rectangle((left - 3, top - 3, left + picture.width + 2, top + picture.height + 2), fill=colour)
+        canvas.paste(picture, (left, top))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>clipgram map: {title}</title>
+<style>
+body {{ margin: 0; font-family: system-ui, sans-serif; background: #fafafa; }}
+header {{ padding: .6rem 1rem; }} svg {{ width: 100vw; height: calc(100vh - 3rem); cursor: grab; }}
+image:hover {{ outline: 2px solid #000; }}
+</style></head><body>
+<header>clipgram map of <b>{title}</b> ({method}) — drag to pan, wheel to zoom, click a picture for its post</header>
+<svg id="map" viewBox="0 0 1000 1000">{items}</svg>
+<script>
+const svg = document.getElementById("map");
+let box = svg.viewBox.baseVal, drag = null;
+svg.addEventListener("wheel", e => {{
+  e.preventDefault();
+  const f = e.deltaY > 0 ? 1.15 : 1 / 1.15, r = svg.getBoundingClientRect();
+  const px = box.x + box.width * (e.clientX - r.left) / r.width;
+  const py = box.y + box.height * (e.clientY - r.top) / r.height;
+  box.x = px - (px - box.x) * f; box.y = py - (py - box.y) * f; box.width *= f; box.height *= f;
+}}, {{passive: false}});
+svg.addEventListener("mousedown", e => drag = [e.clientX, e.clientY]);
+window.addEventListener("mouseup", () => drag = null);
+window.addEventListener("mousemove", e => {{
+  if (!drag) return;
+  const r = svg.getBoundingClientRect();
+  box.x -= (e.clientX - drag[0]) * box.width / r.width; box.y -= (e.clientY - drag[1]) * box.height / r.height;
+  drag = [e.clientX, e.clientY];
+}});
+</script></body></html>
+"""
+
+
+def write_html(data_dir: Path, points: list[tuple], out: Path, title: str, method: str) -> Path:
+    """An SVG page of the thumbnails (relative links: it moves with the data directory)."""
+    items = []
+    for _sha, x, y, path, link, caption, cluster in points:
+        src = os.path.relpath(data_dir / path, out.parent)
+        frame = (f'<rect x="{x * 950 + 22:.1f}" y="{(1 - y) * 950 + 22:.1f}" width="36" height="36" '
+                 f'fill="{PALETTE[cluster % len(PALETTE)]}"/>') if cluster is not None else ""
+        items.append(f'<a href="{html.escape(link)}">{frame}<image href="{html.escape(src)}" '
+                     f'x="{x * 950 + 25:.1f}" y="{(1 - y) * 950 + 25:.1f}" width="30" height="30">'
+                     f'<title>{html.escape(caption)}</title></image></a>')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_PAGE.format(title=html.escape(title), method=method, items="\n".join(items)))
+    return out
+
+
+def run(data_dir: Path, model: str, account: str | None, png: Path, page: Path | None,
+        method: str = "auto") -> StageResult:
+    """Project the images, store the `map` table, then draw the PNG (and the HTML page)."""
+    shas, x = store.stored_vectors(data_dir, model, account)
+    scope = account or store.ALL_ACCOUNTS
+    if not shas:
+        raise ValueError(f"no embedded images in {scope}: run `clipgram ingest` first")
+    xy, method = project(x, method)
+    store.replace(data_dir, store.MAP, scope, model, [
+        {"sha256": sha, "x": float(a), "y": float(b), "method": method} for sha, (a, b) in zip(shas, xy)])
+    catalog.republish(data_dir, scope)  # the map view must exist before it is drawn from
+    points = _points(data_dir, model, scope)
+    write_png(data_dir, points, png)
+    if page is not None:
+        write_html(data_dir, points, page, scope, method)
+    return StageResult("map", scope, done=len(shas), note=f"{method}: {png}"
+                       + (f" and {page}" if page else "")).log()

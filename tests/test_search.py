@@ -1,0 +1,152 @@
+"""Search modes, filters inside the query, safe --where, SQL macros: on the ingested sample."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import catalog, search
+from pipeline.cli import main
+from pipeline.models import clip
+
+
+@pytest.fixture(scope="module")
+def env(ingested_sample):
+    cfg = ingested_sample
+    con = catalog.connect(cfg.data_dir)
+    return cfg, con, clip.from_config(cfg.models)
+
+
+def _cli(cfg, capsys, *argv):
+    base = ["--data-dir", str(cfg.data_dir), "--clip-model", "tiny", "--captioner", "tiny", "--device", "cpu"]
+    code = main([*argv, "--json", *base])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else captured.err)
+
+
+def _all_ids(con):
+    return [r[0] for r in con.execute("SELECT media_id FROM search_rows").fetchall()]
+
+
+@pytest.mark.parametrize("where, sql", [
+    ("likes >= 400", "likes >= 400"),
+    ("list_contains(hashtags, 'square')", "list_contains(hashtags, 'square')"),
+])
+def test_filters_apply_before_top_k(env, where, sql):
+    """A filtered top-k is the top-k of the filtered images, not a filtered top-k of everything."""
+    cfg, con, encoder = env
+    full = search.text_search(con, cfg.data_dir, encoder, "a blue circle", k=1000)
+    passing = {r[0] for r in con.execute(f"SELECT media_id FROM images WHERE {sql}").fetchall()}
+    assert 3 < len(passing) < len(full)
+    hits = search.text_search(con, cfg.data_dir, encoder, "a blue circle", k=3,
+                              filters=search.Filters(where=where))
+    assert [h.media_id for h in hits] == [h.media_id for h in full if h.media_id in passing][:3]
+
+
+def test_each_filter_holds_on_every_hit(env, capsys):
+    cfg, con, _ = env
+    code, hits = _cli(cfg, capsys, "search", "a red square", "-k", "50", "--since", "2026-06-10",
+                      "--until", "2026-06-20", "--min-likes", "100", "--hashtag", "#Minimal",
+                      "--account", "clipgram.demo")
+    assert code == 0 and hits
+    for h in hits:
+        taken, likes, tags = con.execute("SELECT taken_at::DATE::VARCHAR, likes, hashtags FROM images "
+                                         "WHERE media_id = ?", [h["media_id"]]).fetchone()
+        assert "2026-06-10" <= taken <= "2026-06-20" and likes >= 100 and "minimal" in tags
+    expected = con.execute("SELECT count(*) FROM images WHERE taken_at::DATE BETWEEN '2026-06-10' AND "
+                           "'2026-06-20' AND likes >= 100 AND list_contains(hashtags, 'minimal')").fetchone()[0]
+    assert len(hits) == expected
+    code, hits = _cli(cfg, capsys, "search", "a red square", "--account", "someone.else")
+    assert code == 0 and hits == []
+
+
+@pytest.mark.parametrize("where", [
+    "likes > 0; DROP TABLE documents", "true) UNION SELECT media_id FROM images --",
+    "ATTACH '/tmp/x.duckdb' AS x", "media_id IN (SELECT * FROM read_csv('/etc/passwd'))",
+    "COPY posts TO '/tmp/out.csv'", "INSTALL httpfs", "likes > (1", "likes > 1 /* c */"])
+def test_where_that_is_not_a_filter_is_refused(env, capsys, where):
+    cfg, con, _ = env
+    code, err = _cli(cfg, capsys, "search", "a circle", "--where", where)
+    assert code == 2 and "--where" in err
+    assert con.execute("SELECT count(*) FROM documents").fetchone()[0] > 0
+
+
+def test_search_opens_the_catalog_read_only(env):
+    cfg, _, _ = env
+    with catalog.connect(cfg.data_dir) as con, pytest.raises(Exception, match="read-only"):
+        con.execute("CREATE TABLE x AS SELECT 1")
+
+
+def test_query_arithmetic_is_the_weighted_sum(env, tmp_path):
+    """`"2:a" - "b" + image` ranks by cosine to normalise(2·t(a) − t(b) + i(image))."""
+    cfg, con, encoder = env
+    path = con.execute("SELECT path FROM images ORDER BY media_id LIMIT 1").fetchone()[0]
+    image = str(cfg.data_dir / path)
+    terms = search.parse_query(f'"2:a yellow square" - "a black circle" + {image}')
+    assert [(t.kind, t.weight) for t in terms] == [("text", 2.0), ("text", -1.0), ("image", 1.0)]
+    _, hits = search.search(con, cfg.data_dir, terms, k=5, encoder=encoder)
+    from pipeline import images as img
+    query = (2 * encoder.encode_text(["a yellow square"])[0] - encoder.encode_text(["a black circle"])[0]
+             + encoder.encode_images(encoder.preprocess(img.load_rgb(cfg.data_dir / path)).unsqueeze(0))[0])
+    query /= np.linalg.norm(query)
+    ids, vectors = zip(*con.execute("SELECT media_id, embedding FROM images JOIN embeddings USING (sha256)"
+                                    ).fetchall())
+    scores = np.asarray(vectors) @ query
+    order = [ids[i] for i in np.lexsort((ids, -scores))][:5]
+    assert [h.media_id for h in hits] == order
+    assert [h.score for h in hits] == pytest.approx(sorted(scores, reverse=True)[:5], abs=1e-4)
+
+
+def test_image_search_finds_the_image_itself_and_like_leaves_it_out(env, capsys):
+    cfg, con, _ = env
+    media_id, path = con.execute("SELECT media_id, path FROM images ORDER BY media_id LIMIT 1 OFFSET 5"
+                                 ).fetchone()
+    code, hits = _cli(cfg, capsys, "search", "--image", str(cfg.data_dir / path), "-k", "1")
+    assert code == 0 and hits[0]["media_id"] == media_id and hits[0]["score"] > 0.99
+    code, like = _cli(cfg, capsys, "search", "--like", media_id, "-k", "5")
+    assert code == 0 and media_id not in [h["media_id"] for h in like] and len(like) == 5
+    code, sql_rows = _cli(cfg, capsys, "sql", f"SELECT media_id, score FROM similar_to('{media_id}', 5)")
+    assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in like]
+    assert [r["score"] for r in sql_rows] == pytest.approx([h["score"] for h in like], abs=1e-5)
+
+
+def test_hybrid_is_reciprocal_rank_fusion_of_clip_and_bm25(env, capsys):
+    cfg, con, encoder = env
+    code, hybrid = _cli(cfg, capsys, "search", "yellow square", "-k", "5")
+    assert code == 0
+    pool = search.RRF_POOL
+    clip_ids = [h.media_id for h in search.text_search(con, cfg.data_dir, encoder, "yellow square", pool)]
+    bm25_ids = [h.media_id for h in search.caption_search(con, cfg.data_dir, "yellow square", pool)]
+    fused = {m: 0.0 for m in clip_ids + bm25_ids}
+    for ranking in (clip_ids, bm25_ids):
+        for rank, m in enumerate(ranking, start=1):
+            fused[m] += 1 / (search.RRF_K + rank)
+    expected = sorted(fused, key=lambda m: (-fused[m], m))[:5]
+    assert [h["media_id"] for h in hybrid] == expected
+    tags = con.execute("SELECT hashtags FROM images WHERE media_id = ?", [hybrid[0]["media_id"]]).fetchone()[0]
+    assert "yellow" in tags and "square" in tags
+
+
+def test_sql_macros_agree_with_the_cli(env, capsys):
+    cfg, _, _ = env
+    code, cli_hits = _cli(cfg, capsys, "search", "a green circle", "--mode", "clip", "-k", "5")
+    code2, sql_rows = _cli(cfg, capsys, "sql", "SELECT media_id, score FROM search_text('a green circle', 5)")
+    assert code == code2 == 0, sql_rows
+    assert code2 == 0, sql_rows
+    assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in cli_hits]
+    assert [r["score"] for r in sql_rows] == pytest.approx([h["score"] for h in cli_hits], abs=1e-4)
+    code, cli_hits = _cli(cfg, capsys, "search", "triangle", "--captions", "-k", "5")
+    assert code == 0, cli_hits
+    code2, sql_rows = _cli(cfg, capsys, "sql", "SELECT media_id FROM search_captions('triangle', 5)")
+    assert code2 == 0, sql_rows
+    assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in cli_hits]
+
+
+def test_clear_errors(env, capsys):
+    cfg, _, _ = env
+    code, err = _cli(cfg, capsys, "search", "--like", "NoSuchMedia_0")
+    assert code == 2 and "no embedded image" in err
+    code, err = _cli(cfg, capsys, "search", "missing.jpg")
+    assert code == 2 and "not found" in err
+    code, err = _cli(cfg, capsys, "search", '"a dog" - "a dog"', "--mode", "clip")
+    assert code == 2 and "cancel out" in err
