@@ -121,8 +121,8 @@ def _date(text: str) -> date:
 
 def _filters(args: argparse.Namespace) -> search.Filters:
     return search.Filters(
-        accounts=args.account or [], since=args.since, until=args.until, hashtags=args.hashtag or [],
-        min_likes=args.min_likes, labels=[search.parse_label_filter(t) for t in args.label or []],
+        accounts=args.account or [], since=args.posted_since, until=args.posted_until,
+        hashtags=args.hashtag or [], min_likes=args.min_likes, labels=[search.parse_label_filter(t) for t in args.label or []],
         where=args.where)
 
 
@@ -382,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (hybrid for text when captions exist, else clip), clip, captions, hybrid")
     p.add_argument("--captions", action="store_true", help="same as --mode captions (BM25 only)")
     p.add_argument("--account", action="append", help="only this account (repeatable)")
-    p.add_argument("--since", type=_date, help="posted on or after YYYY-MM-DD")
-    p.add_argument("--until", type=_date, help="posted on or before YYYY-MM-DD")
+    # own dests: `--since` of ingest is a setting (scrape.since), this one a filter
+    p.add_argument("--since", dest="posted_since", type=_date, help="posted on or after YYYY-MM-DD")
+    p.add_argument("--until", dest="posted_until", type=_date, help="posted on or before YYYY-MM-DD")
     p.add_argument("--hashtag", action="append", help="post has this hashtag (repeatable: all of them)")
     p.add_argument("--min-likes", type=int, help="at least N likes")
     p.add_argument("--label", action="append", metavar="SET=LABEL",
