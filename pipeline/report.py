@@ -61,6 +61,7 @@ def print_hits(hits: Sequence[Hit], fmt: str = "table", out: TextIO | None = Non
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipgram results</title>
+<link rel="icon" href="data:,">  <!-- no icon: else browsers log a 404 for /favicon.ico -->
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; }}
 h2 {{ margin-top: 2.5rem; font-weight: 600; }}
