@@ -3,6 +3,7 @@ protocol: they render, every picture loads, links go to the posts, nothing errs.
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import json
@@ -25,9 +26,10 @@ CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed: `make browser` (as root) or `apt-get install chromium`")
 
+# --disable-dev-shm-usage: containers' small /dev/shm crashes Chromium's renderer
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--remote-debugging-port=0", "--window-size=1280,900"]
+         "--hide-scrollbars", "--disable-dev-shm-usage", "--remote-debugging-port=0", "--window-size=1280,900"]
 
 
 class Page:
@@ -172,10 +174,11 @@ def test_results_page_renders_with_every_thumbnail(ingested_sample, tmp_path, ca
           heading: document.querySelector('h2').textContent,
           cards: [...document.querySelectorAll('figure')].map(f => ({
             href: f.querySelector('a').href, src: f.querySelector('img').src,
-            width: f.querySelector('img').naturalWidth, text: f.querySelector('figcaption').textContent})),
+            width: f.querySelector('img').naturalWidth, text: f.querySelector('figcaption').textContent,
+            cut: f.querySelector('.who').scrollWidth > f.querySelector('.who').clientWidth})),
           overflow: document.documentElement.scrollWidth > window.innerWidth})""")
         shot = page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        (tmp_path / "results.png").write_bytes(__import__("base64").b64decode(shot["data"]))
+        (tmp_path / "results.png").write_bytes(base64.b64decode(shot["data"]))
 
         assert page.problems() == []
         assert shown["title"] == "clipgram results" and "a red circle" in shown["heading"]
@@ -187,6 +190,13 @@ def test_results_page_renders_with_every_thumbnail(ingested_sample, tmp_path, ca
             assert f"#{hit['rank']}" in card["text"] and hit["account"] in card["text"]
             assert f"{hit['score']:.3f}" in card["text"] and " ".join(hit["caption"].split()) in card["text"]
         assert not shown["overflow"], "the page scrolls sideways at 1280 px"
+        assert not any(c["cut"] for c in shown["cards"]), "a short account name is cut off"
+
+        empty_file = page_file.with_name("empty.html")
+        assert _cli(cfg, "search", "a red circle", "--account", "someone.else", "--html", str(empty_file)) == 0
+        _open(page, _url(base, root, empty_file))
+        assert page.evaluate("document.querySelector('.grid').innerText") == "No results."
+        assert page.problems() == []
 
 
 def test_map_page_renders_with_every_thumbnail(ingested_sample, tmp_path):
