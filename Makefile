@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint sample
+.PHONY: setup demo test bench lint sample browser
 
 setup: $(STAMP)
 
@@ -29,3 +29,16 @@ lint: setup
 
 sample: setup      ## re-render pipeline/demo_profile (deterministic)
 	$(PY) -m pipeline.demo
+
+# Chromium for tests/test_report_browser.py. Installs only as root with apt-get (CI); elsewhere it
+# says so and succeeds: those tests then skip, the rest of `make test` is unaffected.
+browser:           ## headless Chromium for the results-page tests (Debian, as root)
+	@if command -v chromium >/dev/null; then \
+	  echo "chromium is installed: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium fonts-dejavu-core; \
+	else \
+	  echo "chromium is missing and cannot be installed here (needs root and apt-get):" \
+	       "the browser tests will skip; install it with: sudo apt-get install chromium"; \
+	fi

@@ -61,6 +61,7 @@ def print_hits(hits: Sequence[Hit], fmt: str = "table", out: TextIO | None = Non
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipgram results</title>
+<link rel="icon" href="data:,">  <!-- no icon: else browsers log a 404 for /favicon.ico -->
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; }}
 h2 {{ margin-top: 2.5rem; font-weight: 600; }}
@@ -68,7 +69,10 @@ h2 {{ margin-top: 2.5rem; font-weight: 600; }}
 figure {{ margin: 0; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002; overflow: hidden; }}
 figure img {{ width: 100%; aspect-ratio: 1; object-fit: cover; display: block; }}
 figcaption {{ padding: .5rem .6rem; font-size: .8rem; line-height: 1.3; }}
-.score {{ color: #888; float: right; }}
+.meta {{ display: flex; justify-content: space-between; color: #888; margin-bottom: .2rem; }}
+/* a long account name is cut on one line (full name on hover), not wrapped */
+.who {{ color: #888; margin-top: .2rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
+.empty {{ color: #888; }}
 </style></head><body><h1>clipgram results</h1>
 {sections}
 </body></html>
@@ -82,9 +86,10 @@ def write_html(path: Path, sections: Sequence[tuple[str, Sequence[Hit]]]) -> Pat
         figures = "\n".join(
             f'<figure><a href="{html.escape(h.permalink)}"><img loading="lazy" '
             f'src="{html.escape(os.path.relpath(h.path, path.parent))}" alt="{html.escape(h.caption)}">'
-            f'</a><figcaption><span class="score">{h.score:.3f}</span>#{h.rank} '
-            f'@{html.escape(h.account)}<br>{html.escape(h.caption)}</figcaption></figure>'
-            for h in hits)
+            f'</a><figcaption><div class="meta"><span>#{h.rank}</span><span title="score">{h.score:.3f}'
+            f'</span></div>{html.escape(h.caption)}<div class="who" title="@{html.escape(h.account)}">'
+            f'@{html.escape(h.account)}</div></figcaption></figure>'
+            for h in hits) or '<p class="empty">No results.</p>'
         parts.append(f"<h2>{html.escape(title)}</h2>\n<div class=\"grid\">\n{figures}\n</div>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_PAGE.format(sections="\n".join(parts)))

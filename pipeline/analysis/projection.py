@@ -72,6 +72,7 @@ def write_png(data_dir: Path, points: list[tuple], out: Path, size: int = 1600, 
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipgram map: {title}</title>
+<link rel="icon" href="data:,">  <!-- no icon: else browsers log a 404 for /favicon.ico -->
 <style>
 body {{ margin: 0; font-family: system-ui, sans-serif; background: #fafafa; }}
 header {{ padding: .6rem 1rem; }} svg {{ width: 100vw; height: calc(100vh - 3rem); cursor: grab; }}
