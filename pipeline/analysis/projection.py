@@ -104,13 +104,14 @@ window.addEventListener("mousemove", e => {{
 
 def write_html(data_dir: Path, points: list[tuple], out: Path, title: str, method: str) -> Path:
     """An SVG page of the thumbnails (relative links: it moves with the data directory)."""
+    span = 940  # of the 1000-unit canvas: a 36-unit frame at 22 + span stays inside
     items = []
     for _sha, x, y, path, link, caption, cluster in points:
         src = os.path.relpath(data_dir / path, out.parent)
-        frame = (f'<rect x="{x * 950 + 22:.1f}" y="{(1 - y) * 950 + 22:.1f}" width="36" height="36" '
+        frame = (f'<rect x="{x * span + 22:.1f}" y="{(1 - y) * span + 22:.1f}" width="36" height="36" '
                  f'fill="{PALETTE[cluster % len(PALETTE)]}"/>') if cluster is not None else ""
         items.append(f'<a href="{html.escape(link)}">{frame}<image href="{html.escape(src)}" '
-                     f'x="{x * 950 + 25:.1f}" y="{(1 - y) * 950 + 25:.1f}" width="30" height="30">'
+                     f'x="{x * span + 25:.1f}" y="{(1 - y) * span + 25:.1f}" width="30" height="30">'
                      f'<title>{html.escape(caption)}</title></image></a>')
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_PAGE.format(title=html.escape(title), method=method, items="\n".join(items)))
@@ -131,6 +132,6 @@ def run(data_dir: Path, model: str, account: str | None, png: Path, page: Path |
     points = _points(data_dir, model, scope)
     write_png(data_dir, points, png)
     if page is not None:
-        write_html(data_dir, points, page, scope, method)
+        write_html(data_dir, points, page, account or "all accounts", method)
     return StageResult("map", scope, done=len(shas), note=f"{method}: {png}"
                        + (f" and {page}" if page else "")).log()
