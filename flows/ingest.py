@@ -23,7 +23,7 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from pipeline import ledger, rerun, runner, stages  # noqa: E402
+from pipeline import cluster, ledger, rerun, runner, stages  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.lock import account_lock  # noqa: E402
 
@@ -71,6 +71,9 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
         ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
-        return [(network if stage in runner.NETWORK_STAGES else stage_task)(
-                    stage, run_id, account, settings, recorded, source)
-                for stage in todo]
+        # one stage at a time, each on a worker under the Dask runner: each reads what the last wrote
+        with cluster.stage_runner(cfg) as run:
+            return [run(network if stage in runner.NETWORK_STAGES else stage_task, stage,
+                        {"stage": stage, "run_id": run_id, "account": account, "settings": settings,
+                         "recorded": recorded, "source": source})
+                    for stage in todo]
