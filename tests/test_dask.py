@@ -1,29 +1,40 @@
 """The Dask task runner: stage tasks on a 2-worker cluster make the tables the default runner makes.
 
-The cluster's workers are threads of the test process (processes=False): two
+The clusters' workers are threads of the test process (processes=False): two
 worker processes would each import torch, open_clip and Prefect on a 2-core
 build machine, and the tasks they run are the same either way — prefect-dask
 pickles each task with its parameters and runs it on whichever worker is free.
 """
+
+from datetime import datetime
 
 import numpy as np
 import pytest
 from distributed import LocalCluster
 from snapshots import snapshot
 
-from flows.ingest import ingest_account
-from pipeline import demo, stages
+from flows.ingest import ingest_account, ingest_accounts
+from pipeline import demo, stages, tables
 from pipeline.config import ConfigError
 
 A = demo.ACCOUNT
+B = "sample-folder"  # the sample's own images as a folder: every image is also one of A's
 SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8},
             "decode": {"workers": 0}}
 
 
-def test_a_two_worker_dask_cluster_makes_the_tables_of_the_default_runner(
+def _span(data_dir, account: str) -> tuple[datetime, datetime]:
+    return tables.connect(data_dir).execute(
+        "SELECT min(started_at), max(finished_at) FROM runs WHERE account = ? "
+        "AND stage IN ('scrape', 'download')", [account]).fetchone()
+
+
+def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_default_runner(
         prefect_harness, make_config, recorded, tmp_path):
+    folder = str(demo.SAMPLE_DIR / "images")
     reference = make_config(tmp_path / "reference", **SETTINGS)
     ingest_account(A, reference.as_dict(), str(recorded))
+    ingest_account(B, reference.as_dict(), source=folder)
     expected = snapshot(reference.data_dir)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
@@ -31,24 +42,29 @@ def test_a_two_worker_dask_cluster_makes_the_tables_of_the_default_runner(
         cfg = make_config(tmp_path / "dask", **SETTINGS, orchestration={
             "task_runner": "dask", "dask_address": dask_cluster.scheduler_address,
             "dask_gpu_resource": "GPU"})
-        results = ingest_account(A, cfg.as_dict(), str(recorded))
+        results = ingest_accounts([A, B], cfg.as_dict(), recorded={A: str(recorded)},
+                                  sources={B: folder})
         executed = [w.state.executed_count for w in dask_cluster.workers.values()]
-    assert [r.stage for r in results] == list(stages.STAGES)
-    assert sum(executed) == len(stages.STAGES)  # every stage ran on a worker, none in the flow
+    assert {a: [r.stage for r in rs] for a, rs in results.items()} == {
+        A: list(stages.STAGES), B: list(stages.STAGES)}
+    assert sum(executed) == 2 * len(stages.STAGES)  # every stage ran on a worker, none in the flow
+    (a_start, a_end), (b_start, b_end) = _span(cfg.data_dir, A), _span(cfg.data_dir, B)
+    assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
     actual = snapshot(cfg.data_dir)
     for table in ("posts", "media", "captions", "documents"):
         assert actual[table] == expected[table], table
+    # shared images are embedded once, though both accounts have them
     assert [r[:2] for r in actual["embeddings"]] == [r[:2] for r in expected["embeddings"]]
     np.testing.assert_allclose(np.array([r[2] for r in actual["embeddings"]]),
                                np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)
 
-    # a rerun on the cluster finds nothing to do and writes no row twice
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as dask_cluster:
-        cfg.orchestration.dask_address = dask_cluster.scheduler_address
-        cfg.orchestration.dask_gpu_resource = ""
-        again = ingest_account(A, cfg.as_dict(), str(recorded))
+    # a rerun on a LocalCluster the runner starts itself finds nothing to do, writes no row twice
+    cfg.orchestration.dask_address = ""
+    cfg.orchestration.dask_processes = False
+    cfg.orchestration.dask_gpu_resource = ""
+    again = ingest_account(A, cfg.as_dict(), str(recorded))
+    assert [r.stage for r in again] == list(stages.STAGES)
     assert sum(r.done for r in again) == 0
     assert snapshot(cfg.data_dir) == actual
 
