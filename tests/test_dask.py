@@ -72,3 +72,26 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
 def test_an_unknown_task_runner_is_a_config_error_naming_the_choices(make_config, tmp_path):
     with pytest.raises(ConfigError, match="orchestration.task_runner: expected one of default, dask"):
         make_config(tmp_path, orchestration={"task_runner": "ray"})
+
+
+def test_a_failing_account_does_not_stop_the_others_and_fails_the_run_naming_it(
+        prefect_harness, make_config, tmp_path):
+    """With the default runner: the accounts' fetch threads, and the error handling, are the same."""
+    import random
+
+    from pipeline import synthetic
+
+    rng = random.Random(5)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i, scene in enumerate(rng.sample(synthetic.all_scenes(), 4)):
+        synthetic.render(scene, 64, rng).save(folder / f"{i}.png")
+    cfg = make_config(tmp_path / "data", **SETTINGS)
+    with pytest.raises(RuntimeError, match="ingest failed for broken .*the other accounts finished"):
+        ingest_accounts(["broken", "scenes"], cfg.as_dict(),
+                        sources={"broken": str(tmp_path / "missing"), "scenes": str(folder)})
+    con = tables.connect(cfg.data_dir)
+    assert con.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 4
+    assert con.execute("SELECT count(*) FROM captions").fetchone()[0] == 4
+    failed = con.execute("SELECT stage FROM runs WHERE account = 'broken' AND status = 'failed'").fetchall()
+    assert failed == [("scrape",)]
