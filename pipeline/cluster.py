@@ -45,7 +45,19 @@ def _task_runner(cfg: Config) -> Any:
                               "threads_per_worker": 1}
     if o.dask_gpu_resource:
         kwargs["resources"] = {o.dask_gpu_resource: 1}  # else model tasks wait forever
+    if o.dask_processes:
+        # worker processes report task runs to the flow's Prefect API; without its URL,
+        # each would start a temporary API of its own that no one sees
+        kwargs["env"] = {"PREFECT_API_URL": _api_url()}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def _api_url() -> str:
+    """The URL of the Prefect API this process talks to (a temporary one included)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
 
 
 def _resources(cfg: Config, stage: str) -> Any:
