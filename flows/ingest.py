@@ -10,8 +10,12 @@ Prefect UI is safe: it finishes what is left.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgram")  # stage logs in the Prefect UI
@@ -23,11 +27,12 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from pipeline import ledger, rerun, runner, stages  # noqa: E402
+from pipeline import cluster, ledger, rerun, runner, stages  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.lock import account_lock  # noqa: E402
 
 Settings = dict[str, dict[str, Any]]
+log = logging.getLogger("clipgram.ingest")
 
 
 def _config(settings: Settings) -> Config:
@@ -52,6 +57,17 @@ def network_options(cfg: Config) -> dict[str, Any]:
             "retry_jitter_factor": o.retry_jitter, "retry_condition_fn": _retry_if_transient}
 
 
+def _run_stages(run: cluster.RunTask, cfg: Config, settings: Settings, run_id: str, account: str,
+                stages_to_run: list[str], recorded: str | None, source: str | None
+                ) -> list[stages.StageResult]:
+    """The stages in order, one at a time (each reads what the last wrote), each where `run` puts it."""
+    network = stage_task.with_options(**network_options(cfg))
+    return [run(network if stage in runner.NETWORK_STAGES else stage_task, stage,
+                {"stage": stage, "run_id": run_id, "account": account, "settings": settings,
+                 "recorded": recorded, "source": source})
+            for stage in stages_to_run]
+
+
 @flow(name="ingest-account")
 def ingest_account(account: str, settings: Settings | None = None, recorded: str | None = None,
                    source: str | None = None, stages_to_run: list[str] | None = None,
@@ -66,11 +82,62 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
     cfg = _config(settings)
     todo = rerun.check_stages(stages_to_run or list(stages.STAGES))
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    network = stage_task.with_options(**network_options(cfg))
     with account_lock(cfg.data_dir, account, cfg.orchestration.lock_wait_s):
         ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
-        return [(network if stage in runner.NETWORK_STAGES else stage_task)(
-                    stage, run_id, account, settings, recorded, source)
-                for stage in todo]
+        with cluster.stage_runner(cfg) as run:
+            return _run_stages(run, cfg, settings, run_id, account, todo, recorded, source)
+
+
+@flow(name="ingest-accounts")
+def ingest_accounts(accounts: list[str], settings: Settings | None = None,
+                    recorded: dict[str, str] | None = None, sources: dict[str, str] | None = None,
+                    stages_to_run: list[str] | None = None) -> dict[str, list[stages.StageResult]]:
+    """Ingest several accounts in one run, spreading what may run at once over the workers.
+
+    Scrape and download run for every account at the same time: each writes
+    only its own account's partitions and content-addressed media. The model
+    stages then go one account after another: embeddings and captions are keyed
+    by image content and shared by accounts, so two accounts embedding the same
+    image at once would both write it. `recorded` and `sources` map an account
+    to its recorded JSON or its folder / URL list, as in `ingest_account`.
+    A failed account does not stop the others; the run fails at the end, naming it.
+    """
+    accounts = list(dict.fromkeys(accounts))
+    if not accounts:
+        raise ValueError("ingest_accounts needs at least one account")
+    settings = settings or load_config().as_dict()
+    cfg = _config(settings)
+    todo = rerun.check_stages(stages_to_run or list(stages.STAGES))
+    run_id = flow_run.get_id() or uuid.uuid4().hex
+    results: dict[str, list[stages.StageResult]] = {account: [] for account in accounts}
+    errors: dict[str, BaseException] = {}
+
+    def run_account(run: cluster.RunTask, account: str, part: list[str]) -> None:
+        if account in errors or not part:
+            return
+        try:
+            results[account] += _run_stages(run, cfg, settings, run_id, account, part,
+                                            (recorded or {}).get(account), (sources or {}).get(account))
+        except Exception as e:  # the ledger and the Prefect UI have the details
+            log.error("ingest of %s failed at a stage: %s", account, e)
+            errors[account] = e
+
+    with ExitStack() as held:
+        # one order for every run, so two runs never each hold a lock the other waits for
+        for account in sorted(accounts):
+            held.enter_context(account_lock(cfg.data_dir, account, cfg.orchestration.lock_wait_s))
+            ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
+        run = held.enter_context(cluster.stage_runner(cfg))
+        fetch = [stage for stage in todo if stage in runner.NETWORK_STAGES]
+        with ThreadPoolExecutor(len(accounts), thread_name_prefix="fetch") as pool:
+            # each thread gets its own copy of the flow run's context, which Prefect tasks need
+            for account in accounts:
+                pool.submit(contextvars.copy_context().run, run_account, run, account, fetch)
+        for account in accounts:
+            run_account(run, account, [stage for stage in todo if stage not in fetch])
+    if errors:
+        raise RuntimeError(f"ingest failed for {', '.join(errors)} (see `clipgram status`); "
+                           f"the other accounts finished") from next(iter(errors.values()))
+    return results

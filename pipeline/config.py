@@ -41,6 +41,7 @@ AUTO_TYPES: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "models.precision": ("auto", "fp32", "fp16", "bf16"),
     "caption.generation": ("beam_search", "top_p", "top_k"),
+    "orchestration.task_runner": ("default", "dask"),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from snapshots import snapshot as _snapshot
 
 from flows.ingest import ingest_account
 from pipeline import catalog, demo, stages, tables
@@ -47,23 +48,6 @@ def _readers_see_whole_files(data_dir: Path) -> None:
         con.execute(f"SELECT count(*) FROM {table.name}").fetchone()
     if (data_dir / catalog.CATALOG).exists():
         catalog.connect(data_dir).execute("SELECT count(*) FROM images").fetchone()
-
-
-def _snapshot(data_dir: Path) -> dict:
-    """Everything an uninterrupted run determines, without write times."""
-    con = tables.connect(data_dir)
-    raw = {t.name: tables.scan_sql(t, data_dir, str(data_dir)) for t in (tables.EMBEDDINGS, tables.CAPTIONS)}
-    return {
-        "posts": con.execute("SELECT * EXCLUDE (updated_at) FROM posts ORDER BY shortcode").fetchall(),
-        "media": con.execute("SELECT * EXCLUDE (updated_at) FROM media ORDER BY media_id").fetchall(),
-        # raw parts, not the latest-row views: a duplicate row here is a duplicate
-        "embeddings": con.execute(f"SELECT model, sha256, embedding FROM ({raw['embeddings']}) "
-                                  "ORDER BY sha256").fetchall(),
-        "captions": con.execute(f"SELECT model, sha256, caption, error FROM ({raw['captions']}) "
-                                "ORDER BY sha256").fetchall(),
-        "documents": catalog.connect(data_dir).execute(
-            "SELECT * FROM documents ORDER BY media_id").fetchall(),
-    }
 
 
 def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(

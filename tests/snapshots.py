@@ -1,0 +1,22 @@
+"""What an ingest run determines, read back from a data directory, for comparing two runs."""
+
+from pathlib import Path
+
+from pipeline import catalog, tables
+
+
+def snapshot(data_dir: Path) -> dict:
+    """Everything an uninterrupted run determines, without write times."""
+    con = tables.connect(data_dir)
+    raw = {t.name: tables.scan_sql(t, data_dir, str(data_dir)) for t in (tables.EMBEDDINGS, tables.CAPTIONS)}
+    return {
+        "posts": con.execute("SELECT * EXCLUDE (updated_at) FROM posts ORDER BY shortcode").fetchall(),
+        "media": con.execute("SELECT * EXCLUDE (updated_at) FROM media ORDER BY media_id").fetchall(),
+        # raw parts, not the latest-row views: a duplicate row here is a duplicate
+        "embeddings": con.execute(f"SELECT model, sha256, embedding FROM ({raw['embeddings']}) "
+                                  "ORDER BY sha256").fetchall(),
+        "captions": con.execute(f"SELECT model, sha256, caption, error FROM ({raw['captions']}) "
+                                "ORDER BY sha256").fetchall(),
+        "documents": catalog.connect(data_dir).execute(
+            "SELECT * FROM documents ORDER BY media_id").fetchall(),
+    }
