@@ -12,9 +12,9 @@ vectors: build time, query time and recall@k against the exact top-k. Building
 it is slow on few cores, so it runs only at the sizes given by `--hnsw-sizes`.
 
 Random unit vectors in 512 dimensions are the hard case for an approximate
-index (every distance is close to every other); CLIP embeddings cluster, so
-recall on real data is at least as good. Results merge into bench/results.json
-under "search".
+index (every distance is close to every other); CLIP embeddings cluster, which
+usually helps it, so read the recall here as a floor, not a forecast. Results
+merge into bench/results.json under "search".
 """
 
 from __future__ import annotations
