@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import demo, download, images, inference, synthetic, tables
+from pipeline import bench_search, demo, download, images, inference, synthetic, tables
 from pipeline.config import load_config
 from pipeline.embed import embed
 from pipeline.models import captioner as captioner_mod
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         results["embed"] = bench_embed(work / "data", "ViT-B-32", device, args.embed_images,
                                        args.batch_size, args.workers)
         results["caption"] = bench_caption(work / "data", "coca_ViT-B-32", device, args.caption_images)
+        results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
