@@ -156,8 +156,15 @@ def write_part(data_dir: Path, table: Table, value: str, rows: Iterable[dict[str
     directory = table.dir(data_dir) / f"{table.partition}={check_partition_value(value)}"
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{stamp:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-    final = directory / name
-    tmp = directory / f".{name}.tmp"  # hidden and not *.parquet: no reader's glob sees it
+    return write_atomically(arrow, directory / name)
+
+
+def write_atomically(arrow: pa.Table, final: Path) -> Path:
+    """Write `arrow` to the Parquet file `final`: a temp file, fsync, rename, fsync of the directory.
+
+    The temp name is hidden and not *.parquet, so no reader's glob sees a half-written file.
+    """
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
             pq.write_table(arrow, f, compression="zstd")
@@ -166,7 +173,7 @@ def write_part(data_dir: Path, table: Table, value: str, rows: Iterable[dict[str
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:

@@ -9,15 +9,12 @@ one, never a mix.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import tables
 
@@ -64,16 +61,7 @@ def replace(data_dir: Path, table: Derived, scope: str, model: str,
     final = table.file(data_dir, scope, model)
     final.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pylist([{**row, "model": model} for row in rows], schema=table.schema)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"  # not *.parquet: unseen
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(arrow, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return tables.write_atomically(arrow, final)
 
 
 def view_sql(table: Derived, data_dir: Path, root: str, model: str | None) -> str:
