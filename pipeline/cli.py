@@ -105,11 +105,6 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search(cfg: Config, query: str, k: int, captions: bool) -> list[search.Hit]:
-    con = catalog.connect(cfg.data_dir)
-    if captions:
-        return search.caption_search(con, cfg.data_dir, query, k)
-    return search.text_search(con, cfg.data_dir, clip.from_config(cfg.models), query, k)
 
 
 def _date(text: str) -> date:
@@ -308,10 +303,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recorded = demo.materialize(cfg.data_dir / "recorded" / demo.ACCOUNT, base_url)
         _print_results(cfg, run_ingest(cfg, demo.ACCOUNT, recorded))
     sections = []
-    for title, query, captions in [("Text → image (CLIP): 'a blue circle'", "a blue circle", False),
-                                   ("Caption full-text (BM25): 'yellow square'", "yellow square", True)]:
+    con, encoder = catalog.connect(cfg.data_dir), clip.from_config(cfg.models)
+    for title, query, mode in [("Text → image (CLIP): 'a blue circle'", "a blue circle", "clip"),
+                               ("Hybrid, CLIP + BM25 fused (search's default): 'a blue circle'",
+                                "a blue circle", "hybrid"),
+                               ("Caption full-text (BM25): 'yellow square'", "yellow square", "captions")]:
         print(f"\n== {title}")
-        hits = _search(cfg, query, 5, captions)
+        _, hits = search.search(con, cfg.data_dir, [search.Term("text", query)], 5, mode,
+                                encoder=encoder)
         report.print_hits(hits)
         sections.append((title, hits))
     print("\n== SQL: the account's top hashtags")

@@ -27,13 +27,14 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     out = capsys.readouterr().out
     # model auto says which model it took
     assert re.search(r"models: CLIP clipgram-tiny-clip@ckpt-\w+, captioner clipgram-tiny-coca@ckpt-\w+", out)
-    assert "Text → image (CLIP)" in out and "Caption full-text (BM25)" in out and "top hashtags" in out
+    assert "Text → image (CLIP)" in out and "Hybrid, CLIP + BM25" in out
+    assert "Caption full-text (BM25)" in out and "top hashtags" in out
     assert re.search(r"^1\s+-?\d\.\d{4}\s+clipgram\.demo\s+CgDemo\d{4}", out, re.MULTILINE)
 
     page = data / "demo.html"
     parser = _Images()
     parser.feed(page.read_text())
-    assert len(parser.sources) == 10
+    assert len(parser.sources) == 15  # three searches, five hits each
     assert all((page.parent / src).is_file() for src in parser.sources)  # thumbnails load
 
 
