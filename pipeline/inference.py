@@ -28,6 +28,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from pipeline import images, tables
+from pipeline.lock import partition_lock
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.inference")
@@ -246,28 +247,31 @@ def run(
     An image that fails to decode is written as `failed_row(error)` when given,
     else logged and left pending.
     """
-    todo = pending(data_dir, table, model_id, account)
-    result = StageResult(stage, account, note=model_id)
-    if not todo:
+    # embeddings and captions are keyed by content and shared by accounts: one writer per
+    # model partition, so two accounts that share an image never both find it pending
+    with partition_lock(data_dir, table.name, model_id):
+        todo = pending(data_dir, table, model_id, account)
+        result = StageResult(stage, account, note=model_id)
+        if not todo:
+            return result.log()
+        shas = [sha for sha, _ in todo]
+        dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, settings.max_pixels,
+                             raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None)
+        call = HalveOnOOM(model_fn, settings.batch_size)
+        rows: list[dict[str, Any]] = []
+        with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
+            for indices, batch, failures in batches(dataset, settings, device):
+                if batch is not None:
+                    rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, call(batch)))
+                    result.done += len(indices)
+                for i, error in failures:
+                    log.warning("%s %s: %s", stage, shas[i], error)
+                    result.failed += 1
+                    if failed_row is not None:
+                        rows.append({"sha256": shas[i], **failed_row(error)})
+                bar.update(len(indices) + len(failures))
+                if len(rows) >= part_rows:
+                    tables.write_part(data_dir, table, model_id, rows)
+                    rows = []
+        tables.write_part(data_dir, table, model_id, rows)
         return result.log()
-    shas = [sha for sha, _ in todo]
-    dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, settings.max_pixels,
-                         raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None)
-    call = HalveOnOOM(model_fn, settings.batch_size)
-    rows: list[dict[str, Any]] = []
-    with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
-        for indices, batch, failures in batches(dataset, settings, device):
-            if batch is not None:
-                rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, call(batch)))
-                result.done += len(indices)
-            for i, error in failures:
-                log.warning("%s %s: %s", stage, shas[i], error)
-                result.failed += 1
-                if failed_row is not None:
-                    rows.append({"sha256": shas[i], **failed_row(error)})
-            bar.update(len(indices) + len(failures))
-            if len(rows) >= part_rows:
-                tables.write_part(data_dir, table, model_id, rows)
-                rows = []
-    tables.write_part(data_dir, table, model_id, rows)
-    return result.log()

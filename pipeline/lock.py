@@ -1,4 +1,4 @@
-"""One ingest per account at a time: an advisory file lock per account.
+"""One ingest per account at a time, one writer per model partition: advisory file locks.
 
 The lock is an flock on `locks/<account>.lock` in the data directory. The
 kernel releases it when its holder exits for any reason, SIGKILL included, so
@@ -60,6 +60,24 @@ def account_lock(data_dir: Path, account: str, wait_s: float = 0.0) -> Iterator[
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{tables.now():%Y-%m-%d %H:%M:%S} UTC\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def partition_lock(data_dir: Path, table: str, value: str) -> Iterator[None]:
+    """Hold partition `value` of `table` for the block, waiting as long as its holder takes.
+
+    For a stage that computes its to-do list from a table other accounts write too
+    (embeddings, captions): taken around the to-do list and the writes, it makes the
+    second writer see what the first wrote instead of writing the same rows again.
+    """
+    path = data_dir / "locks" / f"{table}={tables.check_partition_value(value)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
