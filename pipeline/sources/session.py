@@ -8,17 +8,18 @@ hold everything fetched so far, and the next scheduled run resumes.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import ContextManager
 
 import instaloader
 from instaloader import InstaloaderContext, RateController
 from instaloader import exceptions as ig
+
+from pipeline import lock
 
 log = logging.getLogger("clipgram.scrape")
 
@@ -114,21 +115,12 @@ def loader_for(session_user: str, session_dir: str, max_wait_s: float) -> instal
     return loader
 
 
-@contextmanager
-def session_lock(lock_dir: Path, session_user: str) -> Iterator[None]:
+def session_lock(lock_dir: Path, session_user: str) -> ContextManager[None]:
     """Hold the session for one scraper; SessionBusy at once if another holds it."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
     name = session_user or "anonymous"
-    with open(lock_dir / f"session-{name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SessionBusy(f"another clipgram scrape is using the {name} session; "
-                              "this run scrapes nothing and the next one catches up") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return lock.hold(lock_dir / f"session-{name}.lock", 0.0, lambda holder: SessionBusy(
+        f"another clipgram scrape is using the {name} session ({holder}); "
+        "this run scrapes nothing and the next one catches up"))
 
 
 def is_rate_limit(error: BaseException) -> bool:
