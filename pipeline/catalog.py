@@ -12,9 +12,7 @@ not see rows added after it is built, so `publish` rebuilds it every time.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -137,8 +135,7 @@ def _drop_stale_indexes(data_dir: Path, keep: str | None) -> None:
 
 def _fingerprint(data_dir: Path, *ids: Any) -> str:
     """Identifies what a catalog is built from: every Parquet part and the model ids."""
-    parts = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "tables").rglob("*.parquet"))
-    return hashlib.sha256(json.dumps([parts, *ids]).encode()).hexdigest()
+    return tables.fingerprint(data_dir, ["**/*.parquet"], *ids)
 
 
 def _published_fingerprint(path: Path) -> str | None:

@@ -257,10 +257,8 @@ def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
     of being fetched again.
     """
     con = tables.connect(data_dir)
-    columns = [f.name for f in tables.MEDIA.schema if f.name != "updated_at"]
-    rows = [row for row in (dict(zip(columns, r)) for r in con.execute(
-        f"SELECT {', '.join(columns)} FROM media WHERE account = ? AND status IN ('pending', 'done') "
-        "ORDER BY media_id", [account]).fetchall())
+    rows = [row for row in tables.rows(
+        con, tables.MEDIA, "account = ? AND status IN ('pending', 'done') ORDER BY media_id", [account])
         if row["status"] == "pending" or not (data_dir / row["path"]).exists()
         or (videos and row["video_url"] and not row["video_sha256"])]
     known = {url: dict(zip(("sha256", "path", "width", "height", "bytes"), facts))

@@ -14,13 +14,11 @@ fingerprint it is `skipped` without loading a model or reading a row.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +28,6 @@ from pipeline.stages import StageResult
 log = logging.getLogger("clipgram.ledger")
 
 ERROR_CHARS = 2000  # a traceback's last line is the useful part; keep rows small
-
-
-def fingerprint(data_dir: Path, globs: Iterable[str], *settings: Any) -> str:
-    """Identifies a stage's inputs: the names of the Parquet parts under `globs`, and settings.
-
-    Parts are immutable once renamed into place, so their names change exactly
-    when the data does.
-    """
-    root = data_dir / "tables"
-    parts = sorted(str(p.relative_to(root)) for g in globs for p in root.glob(g))
-    return hashlib.sha256(json.dumps([parts, settings], default=str).encode()).hexdigest()
 
 
 def _write(data_dir: Path, account: str, rows: list[dict[str, Any]]) -> None:
@@ -97,21 +84,17 @@ def open_account(data_dir: Path, account: str, max_parts: int = 64) -> None:
     scheduled runs do not become thousands of tiny files.
     """
     con = tables.connect(data_dir)
-    stale = con.execute("SELECT * EXCLUDE (updated_at, account) FROM runs "
-                        "WHERE account = ? AND status = 'running'", [account]).to_arrow_table()
-    if stale.num_rows:
+    stale = tables.rows(con, tables.RUNS, "account = ? AND status = 'running'", [account])
+    if stale:
         error = "interrupted: the process ended before the stage finished (killed or crashed)"
-        _write(data_dir, account, [{**r, "status": "interrupted", "error": error}
-                                   for r in stale.to_pylist()])
+        _write(data_dir, account, [{**r, "status": "interrupted", "error": error} for r in stale])
         log.warning("%d stage attempt(s) of %s were interrupted; marked in the runs ledger",
-                    stale.num_rows, account)
+                    len(stale), account)
     directory = tables.RUNS.dir(data_dir) / f"account={account}"
     parts = sorted(directory.glob("*.parquet"))
     if len(parts) <= max_parts:
         return
-    rows = tables.connect(data_dir).execute(
-        "SELECT * EXCLUDE (updated_at, account) FROM runs WHERE account = ?",
-        [account]).to_arrow_table().to_pylist()
+    rows = tables.rows(tables.connect(data_dir), tables.RUNS, "account = ?", [account])
     # the merged part is newer than every old one, so readers that see both still
     # resolve each attempt to the same row; then the old parts go
     _write(data_dir, account, rows)

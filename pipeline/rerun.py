@@ -50,11 +50,8 @@ def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
 
 def requeue_failed(data_dir: Path, account: str) -> int:
     """Mark the account's failed media pending again (the good ones are not touched)."""
-    con = tables.connect(data_dir)
-    columns = [f.name for f in tables.MEDIA.schema if f.name != "updated_at"]
-    failed = [dict(zip(columns, r)) for r in con.execute(
-        f"SELECT {', '.join(columns)} FROM media WHERE account = ? AND status = 'failed'",
-        [account]).fetchall()]
+    failed = tables.rows(tables.connect(data_dir), tables.MEDIA,
+                         "account = ? AND status = 'failed'", [account])
     tables.write_part(data_dir, tables.MEDIA, account,
                       [{**row, "status": "pending", "error": None} for row in failed])
     log.info("%s: %d failed media queued again", account, len(failed))

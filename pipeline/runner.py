@@ -72,7 +72,7 @@ def inputs(cfg: Config, account: str, stage: str) -> Callable[[], str] | None:
     if globs is None:
         return None
     settings = (vars(cfg.models), vars(cfg.caption)) if stage != "download" else ()
-    return lambda: ledger.fingerprint(cfg.data_dir, globs, *settings)
+    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings)
 
 
 def run_stage(cfg: Config, run_id: str, account: str, stage: str,

@@ -10,6 +10,8 @@ leaves either the whole part or nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import uuid
@@ -212,6 +214,26 @@ def latest_sql(table: Table, data_dir: Path, root: str, value: str | None = None
         f"SELECT * FROM ({scan_sql(table, data_dir, root, value)}) "
         f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY updated_at DESC) = 1"
     )
+
+
+def fingerprint(data_dir: Path, globs: Iterable[str], *settings: Any) -> str:
+    """Identifies what is stored under `globs` (relative to tables/), with `settings`.
+
+    Parts are immutable once renamed into place, so their names change exactly
+    when the data does: the names are enough, no file is read.
+    """
+    root = data_dir / "tables"
+    parts = sorted(str(p.relative_to(root)) for g in globs for p in root.glob(g))
+    return hashlib.sha256(json.dumps([parts, settings], default=str).encode()).hexdigest()
+
+
+def rows(con: duckdb.DuckDBPyConnection, table: Table, condition: str,
+         params: list[Any]) -> list[dict[str, Any]]:
+    """The current rows of `table` matching `condition` (a WHERE clause, may end in ORDER BY),
+    with the stored columns but `updated_at`: ready to be changed and written again."""
+    columns = ", ".join(f.name for f in table.schema if f.name != "updated_at")
+    return con.execute(f"SELECT {columns} FROM {table.name} WHERE {condition}",
+                       params).to_arrow_table().to_pylist()
 
 
 def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:

@@ -217,7 +217,7 @@ def test_unchanged_inputs_skip_a_stage_until_they_change(tmp_path):
         return StageResult("download", A, done=1)
 
     def inputs() -> str:
-        return ledger.fingerprint(data, [f"media/{tables.MEDIA.parts(A)}"])
+        return tables.fingerprint(data, [f"media/{tables.MEDIA.parts(A)}"])
 
     first = ledger.run_stage(data, "r1", A, "download", work, inputs)
     second = ledger.run_stage(data, "r2", A, "download", work, inputs)
