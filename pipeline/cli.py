@@ -198,9 +198,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
                 for s in labels.load_sets(cfg.data_dir).values() for label in s.labels]
         report.print_rows(["label_set", "label", "prompts"], rows, _format(args))
         return 0
-    encoder = clip.from_config(cfg.models)
-    if encoder.id != _stored_model(cfg):
-        raise search.SearchError(f"the catalog's embeddings are from {_stored_model(cfg)}, not "
+    encoder, stored = clip.from_config(cfg.models), _stored_model(cfg)
+    if encoder.id != stored:
+        raise search.SearchError(f"the catalog's embeddings are from {stored}, not "
                                  f"{encoder.id}: pass the same --clip-model")
     results = labels.run(cfg.data_dir, encoder, args.set)
     catalog.republish(cfg.data_dir)
@@ -208,19 +208,25 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish_and_show(cfg: Config, args: argparse.Namespace, sql: str) -> None:
+    """Publish the derived table just written, then print `sql`'s rows for the command's scope."""
+    from pipeline.analysis import store
+
+    catalog.republish(cfg.data_dir)
+    relation = catalog.connect(cfg.data_dir).execute(sql, [args.account or store.ALL_ACCOUNTS])
+    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+
+
 def cmd_clusters(args: argparse.Namespace) -> int:
-    from pipeline.analysis import clusters, store
+    from pipeline.analysis import clusters
 
     cfg = _config(args)
     k = None if args.k == "auto" else int(args.k)
     clusters.run(cfg.data_dir, _stored_model(cfg), args.account, k, cfg.analysis.k_max)
-    catalog.republish(cfg.data_dir)
-    con = catalog.connect(cfg.data_dir)
-    relation = con.execute("""SELECT cluster, cluster_name, count(*) AS images,
-                                     round(avg(similarity), 3) AS cohesion, any_value(silhouette) AS silhouette
-                              FROM clusters WHERE scope = ? GROUP BY ALL ORDER BY images DESC, cluster""",
-                           [args.account or store.ALL_ACCOUNTS])
-    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    _publish_and_show(cfg, args, """
+        SELECT cluster, cluster_name, count(*) AS images, round(avg(similarity), 3) AS cohesion,
+               any_value(silhouette) AS silhouette
+        FROM clusters WHERE scope = ? GROUP BY ALL ORDER BY images DESC, cluster""")
     return 0
 
 
@@ -236,17 +242,14 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace) -> int:
-    from pipeline.analysis import duplicates, store
+    from pipeline.analysis import duplicates
 
     cfg = _config(args)
     threshold = args.threshold if args.threshold is not None else cfg.analysis.duplicate_threshold
     duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold)
-    catalog.republish(cfg.data_dir)
-    con = catalog.connect(cfg.data_dir)
-    relation = con.execute("""SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity, sha256
-                              FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""",
-                           [args.account or store.ALL_ACCOUNTS])
-    report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
+    _publish_and_show(cfg, args, """
+        SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity, sha256
+        FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""")
     return 0
 
 
