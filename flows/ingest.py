@@ -99,8 +99,8 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
     Scrape and download run for every account at the same time: each writes
     only its own account's partitions and content-addressed media. The model
     stages then go one account after another: embeddings and captions are keyed
-    by image content and shared by accounts, so two accounts embedding the same
-    image at once would both write it. `recorded` and `sources` map an account
+    by image content and shared by accounts, so their writers take turns anyway
+    (`lock.partition_lock`). `recorded` and `sources` map an account
     to its recorded JSON or its folder / URL list, as in `ingest_account`.
     A failed account does not stop the others; the run fails at the end, naming it.
     """
