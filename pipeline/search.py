@@ -247,9 +247,8 @@ class VectorIndex:
     def top(self, query: np.ndarray, k: int, rows: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the `k` best rows, restricted to `rows` when given, best first."""
-        scores = self.matrix @ query.astype(np.float32)
-        if rows is not None:
-            scores = scores[rows]
+        # a filter's rows only: scoring every row and then dropping most is the slow way round
+        scores = (self.matrix if rows is None else self.matrix[rows]) @ query.astype(np.float32)
         k = min(k, len(scores))
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -286,6 +285,10 @@ def _check_model(con: duckdb.DuckDBPyConnection, encoder: clip.ClipEncoder) -> N
 def query_vector(con: duckdb.DuckDBPyConnection, index: VectorIndex, terms: list[Term],
                  encoder: clip.ClipEncoder | None) -> np.ndarray:
     """Σ weight · unit vector of each term, normalised."""
+    if any(term.kind != "like" for term in terms):
+        if encoder is None:
+            raise SearchError("this query needs a CLIP model to encode it")
+        _check_model(con, encoder)
     total = np.zeros(index.matrix.shape[1], dtype=np.float32)
     for term in terms:
         if term.kind == "like":
@@ -294,15 +297,11 @@ def query_vector(con: duckdb.DuckDBPyConnection, index: VectorIndex, terms: list
                 raise SearchError(f"no embedded image with media id {term.value!r}: "
                                   f"see `clipgram sql \"SELECT media_id FROM images\"`")
             vector = np.asarray(index.matrix[found[0]], dtype=np.float32)
+        elif term.kind == "text":
+            vector = encoder.encode_text([term.value])[0]
         else:
-            if encoder is None:
-                raise SearchError("this query needs a CLIP model to encode it")
-            _check_model(con, encoder)
-            if term.kind == "text":
-                vector = encoder.encode_text([term.value])[0]
-            else:
-                pixels = encoder.preprocess(images.load_rgb(Path(term.value))).unsqueeze(0)
-                vector = encoder.encode_images(pixels)[0]
+            pixels = encoder.preprocess(images.load_rgb(Path(term.value))).unsqueeze(0)
+            vector = encoder.encode_images(pixels)[0]
         total += term.weight * vector
     norm = float(np.linalg.norm(total))
     if norm == 0:
