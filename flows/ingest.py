@@ -27,7 +27,7 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from pipeline import cluster, ledger, rerun, runner, stages  # noqa: E402
+from pipeline import cluster, ledger, rerun, runner, stages, storage  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.lock import account_lock  # noqa: E402
 
@@ -83,6 +83,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
     todo = rerun.check_stages(stages_to_run or list(stages.STAGES))
     run_id = flow_run.get_id() or uuid.uuid4().hex
     with account_lock(cfg.data_dir, account, cfg.orchestration.lock_wait_s):
+        storage.pull(cfg.data_dir)  # an object-store data dir: start from what the store holds
         ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
@@ -128,6 +129,8 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
         # one order for every run, so two runs never each hold a lock the other waits for
         for account in sorted(accounts):
             held.enter_context(account_lock(cfg.data_dir, account, cfg.orchestration.lock_wait_s))
+        storage.pull(cfg.data_dir)
+        for account in accounts:
             ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         run = held.enter_context(cluster.stage_runner(cfg))
         fetch = [stage for stage in todo if stage in runner.NETWORK_STAGES]

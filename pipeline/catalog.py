@@ -13,6 +13,7 @@ not see rows added after it is built, so `publish` rebuilds it every time.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 
 import duckdb
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.analysis import store
 from pipeline.stages import StageResult
 
 CATALOG = "catalog.duckdb"
+# The models the catalog was last published with. Beside the data, not in the catalog: a
+# machine mirroring an object-store data dir builds its own catalog from it (storage.py)
+MODELS_FILE = "catalog.json"
 
 
 class CatalogMissing(FileNotFoundError):
@@ -189,23 +193,39 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     os.replace(tmp, final)
     (data_dir / f"{CATALOG}.wal").unlink(missing_ok=True)
     _drop_stale_indexes(data_dir, index)
+    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id})
     return StageResult("publish", account, done=documents, note="searchable images").log()
 
 
+def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
+    final = data_dir / MODELS_FILE
+    if final.exists() and json.loads(final.read_text()) == models:
+        return
+    tmp = data_dir / f".{MODELS_FILE}.tmp"
+    tmp.write_text(json.dumps(models))
+    storage.upload(tmp, final)
+    os.replace(tmp, final)
+
+
 def republish(data_dir: Path, account: str = "*") -> StageResult:
-    """Publish again with the models the catalog already names (after a derived table changed)."""
-    with connect(data_dir) as con:
-        info = meta(con)
-    dim = info.get("clip_dim")
-    return publish(data_dir, info.get("clip_model"), int(dim) if dim else None,
-                   info.get("captioner"), account)
+    """Publish again with the models last published (after a derived table changed, or on a
+    machine whose mirror of an object-store data dir has no catalog yet)."""
+    if (data_dir / MODELS_FILE).exists():
+        models = json.loads((data_dir / MODELS_FILE).read_text())
+    else:  # a catalog published before MODELS_FILE existed
+        with connect(data_dir) as con:
+            models = meta(con)
+    dim = models.get("clip_dim")
+    return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
+                   models.get("captioner"), account)
 
 
 def connect(data_dir: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the catalog with paths resolving inside `data_dir` and the fts extension loaded."""
     path = data_dir / CATALOG
     if not path.exists():
-        raise CatalogMissing(f"no catalog at {path}: run `clipgram ingest ACCOUNT` first "
+        raise CatalogMissing(f"no catalog at {storage.remote_url(data_dir) or path}: "
+                             "run `clipgram ingest ACCOUNT` first "
                              f"(or pass --data-dir to the directory that holds it)")
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute(f"SET file_search_path = '{data_dir}'")

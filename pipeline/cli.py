@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from pipeline import catalog, report, search, stages
+from pipeline import catalog, report, search, stages, storage
 from pipeline.analysis.labels import LabelError
 from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
 from pipeline.lock import AccountBusy
@@ -47,8 +47,18 @@ def _config(args: argparse.Namespace, default_file: Path | None = None) -> Confi
         if getattr(args, flag, None) is not None:
             overrides.setdefault(section, {})[key] = getattr(args, flag)
     cfg = load_config(args.config or default_file, overrides)
-    cfg.data.dir = str(cfg.data_dir)  # absolute from here on: tasks may run elsewhere
+    if not storage.is_url(cfg.data.dir):
+        cfg.data.dir = str(cfg.data_dir)  # absolute from here on: tasks may run elsewhere
+    storage.pull(cfg.data_dir)  # an object-store data dir: what other machines wrote, first
     return cfg
+
+
+def _catalog(cfg: Config) -> duckdb.DuckDBPyConnection:
+    """The catalog, read-only. A mirror of an object-store data dir may hold parts its
+    catalog lacks (another machine ingested): those are published first."""
+    if storage.remote_url(cfg.data_dir):
+        catalog.republish(cfg.data_dir)
+    return catalog.connect(cfg.data_dir)
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -129,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not terms:
         raise search.SearchError("nothing to search for: give a query, --image FILE or --like MEDIA_ID")
     mode = "captions" if args.captions else args.mode
-    con = catalog.connect(cfg.data_dir)  # read-only: a search never writes
+    con = _catalog(cfg)  # read-only: a search never writes
     needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
     encoder = clip.from_config(cfg.models) if needs_model else None
     mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode,
@@ -152,7 +162,7 @@ def _run_sql(con: duckdb.DuckDBPyConnection, query: str, fmt: str) -> None:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    con = catalog.connect(cfg.data_dir)
+    con = _catalog(cfg)
     if catalog.meta(con).get("clip_model"):
         catalog.register_udfs(con, clip.from_config(cfg.models))
     if args.query:
@@ -176,7 +186,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def _stored_model(cfg: Config) -> str:
     """The CLIP model id the catalog's embeddings are from: analysis reads those, never re-encodes."""
-    with catalog.connect(cfg.data_dir) as con:
+    with _catalog(cfg) as con:
         model = catalog.meta(con).get("clip_model")
     if not model:
         raise search.SearchError("the catalog has no embeddings: run `clipgram ingest` with a CLIP model")
@@ -456,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: tuple[type[BaseException], ...] = (
         ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
         RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList, AccountBusy,
-        LabelError)
+        LabelError, storage.StorageError)
     try:
         return args.func(args)
     except errors as e:

@@ -7,6 +7,7 @@ or a value of the wrong type is an error that names the key.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -27,7 +28,10 @@ class Config(SimpleNamespace):
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data.dir).expanduser().resolve()
+        """Where stages read and write: data.dir, or the local mirror of an object-store data.dir."""
+        from pipeline import storage
+
+        return storage.local_dir(self.data.dir, self.data.cache_dir, self.data.storage_options)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dict(vars(section)) for name, section in vars(self).items()}
@@ -49,13 +53,18 @@ def _convert(key: str, value: Any, kind: type) -> Any:
     """`value` as `kind`, converting the strings environment variables give; else ConfigError."""
     if isinstance(value, str) and kind is not str:
         try:
+            if kind is dict:  # an environment variable holding a JSON object
+                value = json.loads(value)
+                if not isinstance(value, dict):
+                    raise ValueError(value)
+                return value
             if kind is bool:
                 lowered = value.strip().lower()
                 if lowered not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(value)
                 return lowered in ("1", "true", "yes")
             return kind(value)
-        except ValueError:
+        except ValueError:  # json.JSONDecodeError included
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

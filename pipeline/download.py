@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import httpx
 from tqdm import tqdm
 
-from pipeline import images, tables
+from pipeline import images, storage, tables
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.download")
@@ -60,7 +60,6 @@ class DownloadError(Exception):
 
 
 MAX_REDIRECTS = 5
-STALE_TEMP_S = 3600  # temp files this old are left over from a killed run
 
 
 @functools.lru_cache(maxsize=1024)
@@ -144,6 +143,8 @@ def _move_into_store(tmp: Path, sha: str, extension: str, data_dir: Path) -> Pat
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
+    # an object-store data dir: the row says done only once the store has the file
+    storage.upload_new(final)
     return rel
 
 
@@ -189,7 +190,7 @@ def _fetch_video(client: httpx.Client, url: str, data_dir: Path, settings: Downl
 def download_one(client: httpx.Client, row: dict[str, Any], data_dir: Path,
                  settings: DownloadSettings) -> dict[str, Any]:
     """The media row after an attempt: status done with the file's facts, or failed with why."""
-    if row["status"] != "done" or not (data_dir / str(row["path"])).exists():
+    if row["status"] != "done":
         try:
             tmp, sha = _fetch(client, row["url"], data_dir / "media", settings)
             row = {**row, **_store(tmp, sha, data_dir, settings.max_image_pixels),
@@ -243,24 +244,25 @@ def process(data_dir: Path, account: str, stage: str, rows: list[dict[str, Any]]
     return result.log()
 
 
-def _clean_stale_temp_files(media_dir: Path) -> None:
-    cutoff = time.time() - STALE_TEMP_S
-    for tmp in media_dir.glob(".*.tmp"):
-        if tmp.stat().st_mtime < cutoff:
-            tmp.unlink(missing_ok=True)
-
-
 def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
     """Pending rows, rows whose file left the store, and (with videos) videos not fetched yet.
 
     A URL already downloaded for any account is filled in from that row instead
     of being fetched again.
     """
+    in_store = storage.stored_media(data_dir)  # an object-store data dir: files not mirrored here
+
+    def stored(rel: str) -> bool:
+        return (data_dir / rel).exists() or rel in in_store
+
     con = tables.connect(data_dir)
-    rows = [row for row in tables.rows(
-        con, tables.MEDIA, "account = ? AND status IN ('pending', 'done') ORDER BY media_id", [account])
-        if row["status"] == "pending" or not (data_dir / row["path"]).exists()
-        or (videos and row["video_url"] and not row["video_sha256"])]
+    rows = []
+    for row in tables.rows(con, tables.MEDIA, "account = ? AND status IN ('pending', 'done') "
+                           "ORDER BY media_id", [account]):
+        if row["status"] == "done" and not stored(row["path"]):
+            row["status"] = "pending"  # the file is gone: fetch it again
+        if row["status"] == "pending" or (videos and row["video_url"] and not row["video_sha256"]):
+            rows.append(row)
     known = {url: dict(zip(("sha256", "path", "width", "height", "bytes"), facts))
              for url, *facts in con.execute(
                  "SELECT url, any_value(sha256), any_value(path), any_value(width), "
@@ -268,7 +270,7 @@ def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
              ).fetchall()}
     for row in rows:
         facts = known.get(row["url"])
-        if row["status"] == "pending" and facts and (data_dir / facts["path"]).exists():
+        if row["status"] == "pending" and facts and stored(facts["path"]):
             row.update(facts, status="done", error=None)
     return rows
 
@@ -277,7 +279,7 @@ def download(data_dir: Path, account: str, settings: DownloadSettings = Download
     """Download every pending image of `account` (and its videos, with `settings.videos`)."""
     todo = _todo(data_dir, account, settings.videos)
     if (data_dir / "media").is_dir():
-        _clean_stale_temp_files(data_dir / "media")
+        tables.remove_stale_temp_files(data_dir / "media", ".*.tmp")  # downloads write there
     limits = httpx.Limits(max_connections=settings.concurrency,
                           max_keepalive_connections=settings.concurrency)
     with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=False) as client:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from pipeline import images, tables
+from pipeline import images, storage, tables
 from pipeline.lock import partition_lock
 from pipeline.stages import StageResult
 
@@ -255,6 +255,7 @@ def run(
         if not todo:
             return result.log()
         shas = [sha for sha, _ in todo]
+        storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
         dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, settings.max_pixels,
                              raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None)
         call = HalveOnOOM(model_fn, settings.batch_size)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.ledger")
@@ -81,8 +81,12 @@ def open_account(data_dir: Path, account: str, max_parts: int = 64) -> None:
     Attempts still `running` belong to processes that died (the lock proves no
     one else is running): they become `interrupted`. When the ledger has grown
     past `max_parts` parts, its rows are rewritten as one part, so months of
-    scheduled runs do not become thousands of tiny files.
+    scheduled runs do not become thousands of tiny files. Temp files that killed
+    runs left in the tables go too.
     """
+    removed = tables.remove_stale_temp_files(data_dir / "tables")
+    if removed:
+        log.info("%d temp file(s) of killed runs removed from the tables", removed)
     con = tables.connect(data_dir)
     stale = tables.rows(con, tables.RUNS, "account = ? AND status = 'running'", [account])
     if stale:
@@ -98,6 +102,5 @@ def open_account(data_dir: Path, account: str, max_parts: int = 64) -> None:
     # the merged part is newer than every old one, so readers that see both still
     # resolve each attempt to the same row; then the old parts go
     _write(data_dir, account, rows)
-    for part in parts:
-        part.unlink()
+    storage.remove(parts)
     log.info("runs ledger of %s compacted: %d parts into one", account, len(parts))

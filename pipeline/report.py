@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from pipeline import storage
 from pipeline.search import Hit
 
 
@@ -81,6 +82,7 @@ figcaption {{ padding: .5rem .6rem; font-size: .8rem; line-height: 1.3; }}
 
 def write_html(path: Path, sections: Sequence[tuple[str, Sequence[Hit]]]) -> Path:
     """A page of thumbnails (relative links, so it can move with the data), one grid per search."""
+    storage.ensure_local(Path(h.path) for _, hits in sections for h in hits)
     parts = []
     for title, hits in sections:
         figures = "\n".join(

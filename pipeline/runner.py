@@ -13,7 +13,7 @@ import httpx
 import requests
 from instaloader import exceptions as ig
 
-from pipeline import catalog, download, ledger, stages, tables
+from pipeline import catalog, download, ledger, stages, storage, tables
 from pipeline.caption import caption
 from pipeline.config import Config
 from pipeline.embed import embed
@@ -80,6 +80,7 @@ def run_stage(cfg: Config, run_id: str, account: str, stage: str,
     """Run `stage` for `account`, recorded in the runs ledger, skipped when its inputs are unchanged."""
     if stage not in WORK:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(stages.STAGES)}")
+    storage.pull(cfg.data_dir)  # on another machine (Dask), or after one: the store's tables
     return ledger.run_stage(cfg.data_dir, run_id, account, stage,
                             lambda: WORK[stage](cfg, account, (recorded, source)), inputs(cfg, account, stage))
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +25,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
+
 TS = pa.timestamp("us", tz="UTC")
+STALE_TEMP_S = 3600  # a hidden temp file this old was left by a killed run (writes take seconds)
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*$")  # no "..", no hidden dirs
 
 
@@ -172,6 +176,7 @@ def write_atomically(arrow: pa.Table, final: Path) -> Path:
             pq.write_table(arrow, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
+        storage.upload(tmp, final)  # into the object store first, when the data dir is one
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -181,6 +186,20 @@ def write_atomically(arrow: pa.Table, final: Path) -> Path:
     finally:
         os.close(dir_fd)
     return final
+
+
+def remove_stale_temp_files(directory: Path, pattern: str = "**/.*.tmp") -> int:
+    """Delete the temp files (hidden, `.tmp`) under `directory` that killed runs left behind."""
+    cutoff = time.time() - STALE_TEMP_S
+    removed = 0
+    for tmp in directory.glob(pattern):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer finished it meanwhile
+            continue
+    return removed
 
 
 _DUCK_TYPES = {

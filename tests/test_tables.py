@@ -48,3 +48,17 @@ def test_a_write_killed_midway_leaves_nothing_visible(tmp_path, monkeypatch):
 def test_partition_values_are_checked(value):
     with pytest.raises(ValueError):
         tables.check_partition_value(value)
+
+
+def test_a_run_starts_by_removing_temp_files_killed_runs_left(tmp_path):
+    from pipeline import ledger
+
+    part = tables.write_part(tmp_path, tables.EMBEDDINGS, "m", [{"sha256": "a" * 64, "embedding": [1.0]}])
+    old = part.parent / f".{part.name}.dead.tmp"     # a killed run's, hours ago
+    fresh = part.parent / f".{part.name}.live.tmp"   # a writer that is busy right now
+    for tmp in (old, fresh):
+        tmp.write_bytes(b"PAR1")
+    os.utime(old, (0, 0))
+    ledger.open_account(tmp_path, "acct")
+    assert not old.exists()
+    assert fresh.exists() and part.exists()

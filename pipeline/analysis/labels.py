@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.analysis import store
 from pipeline.config import CONFIG_DIR
 from pipeline.stages import StageResult
@@ -99,6 +99,7 @@ def define(data_dir: Path, name: str, labels: dict[str, list[str]], templates: l
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines))
+    storage.upload(tmp, path)
     tmp.replace(path)
     return path
 

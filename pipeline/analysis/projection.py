@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import catalog, images
+from pipeline import catalog, images, storage
 from pipeline.analysis import store
 from pipeline.stages import StageResult
 
@@ -57,6 +57,7 @@ def write_png(data_dir: Path, points: list[tuple], out: Path, size: int = 1600, 
     canvas = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(canvas)
     span = size - thumb - 8
+    storage.ensure_local(data_dir / point[3] for point in points)
     for _sha, x, y, path, _link, _caption, cluster in points:
         left, top = int(4 + x * span), int(4 + (1 - y) * span)
         picture = images.load_rgb(data_dir / path)

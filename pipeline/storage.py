@@ -1,0 +1,226 @@
+"""Where the data directory lives: a local path, or an object store mirrored on each machine.
+
+With `data.dir = "s3://bucket/clipgram"` (any fsspec URL: s3://, gs://, az://,
+file://) the store holds the data — `tables/`, `media/` and the user's label
+sets — and every machine works in a local mirror of it (`data.cache_dir`).
+Stages read and write plain local files, as they do for a local data dir; this
+module keeps the mirror and the store in step:
+
+- a file is uploaded before it is renamed into place locally, so anything a
+  machine sees in its mirror is already in the store, and a run killed between
+  the two leaves at most an object the next run overwrites with the same bytes;
+- `pull` makes the mirror's tables what the store holds (new parts in, parts
+  another machine compacted away out), at the start of every stage and command;
+- media are content-addressed and immutable, so they are fetched lazily, when a
+  stage or a page needs the pixels.
+
+The catalog (catalog.duckdb, the vector index) and the locks stay local: they
+are derived from the tables, or about one machine's processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("clipgram.storage")
+
+# Files outside tables/ and media/ that belong to the data, not to one machine.
+SHARED_FILES = ("labels.toml", "catalog.json")
+_TRANSFERS = 16  # concurrent object transfers: latency-bound, not CPU-bound
+
+
+class StorageError(RuntimeError):
+    """The object store could not be reached or read; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str                # the data dir's URL, as configured
+    fs: Any                 # fsspec.AbstractFileSystem
+    root: str               # the URL's path inside `fs`, no trailing slash
+
+    def key(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+
+_MIRRORS: dict[Path, Remote] = {}
+
+
+def is_url(location: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", location) is not None
+
+
+def default_cache(url: str) -> Path:
+    """~/.cache/clipgram/data/<readable name>-<hash>: one mirror per store URL."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[1]).strip("_")[-60:]
+    digest = hashlib.sha256(url.encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "clipgram" / "data" / f"{name}-{digest}"
+
+
+def local_dir(location: str, cache_dir: str = "", options: dict[str, Any] | None = None) -> Path:
+    """The directory stages work in for data dir `location`.
+
+    A local path is itself. A URL gets a local mirror (`cache_dir`, or one under
+    ~/.cache/clipgram/data), registered so that writes under it reach the store.
+    """
+    if not is_url(location):
+        return Path(location).expanduser().resolve()
+    local = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache(location)
+    if local in _MIRRORS and _MIRRORS[local].url != location:
+        raise StorageError(f"{local} already mirrors {_MIRRORS[local].url}: "
+                           f"give {location} its own [data] cache_dir")
+    if local not in _MIRRORS:
+        import fsspec  # only object-store users pay for the import
+
+        try:
+            fs, root = fsspec.core.url_to_fs(location, **(options or {}))
+        except (ImportError, ValueError) as e:
+            raise StorageError(f"cannot open data dir {location}: {e} (for s3:// install s3fs, "
+                               "for gs:// gcsfs; settings go in [data] storage_options)") from None
+        _MIRRORS[local] = Remote(location, fs, root.rstrip("/"))
+        local.mkdir(parents=True, exist_ok=True)
+    return local
+
+
+def _remote(path: Path) -> tuple[Remote, str] | None:
+    """The store behind local `path`, and the path's key relative to the data dir."""
+    for local, remote in _MIRRORS.items():
+        if path.is_relative_to(local):
+            return remote, path.relative_to(local).as_posix()
+    return None
+
+
+def remote_url(data_dir: Path) -> str | None:
+    """The store URL `data_dir` mirrors, None for a plain local data dir."""
+    found = _remote(data_dir)
+    return found[0].url if found else None
+
+
+def _call(what: str, remote: Remote, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # each backend has its own errors (botocore's, google-auth's, …)
+        raise StorageError(f"{what} {remote.url}: {e} (check the URL, credentials and "
+                           "[data] storage_options)") from e
+
+
+def upload(tmp: Path, final: Path) -> None:
+    """Put local file `tmp` in the store as `final` (a local path under a mirror), if it is one."""
+    found = _remote(final)
+    if found:
+        remote, rel = found
+        _call("cannot write to", remote, remote.fs.put_file, str(tmp), remote.key(rel))
+
+
+def upload_new(path: Path) -> None:
+    """Upload content-addressed `path` unless the store already has it (same name, same bytes)."""
+    found = _remote(path)
+    if found:
+        remote, rel = found
+        if not _call("cannot read", remote, remote.fs.exists, remote.key(rel)):
+            upload(path, path)
+
+
+def remove(paths: Iterable[Path]) -> None:
+    """Delete files from the store, then locally: a run killed between leaves the next pull to finish."""
+    paths = list(paths)
+    for path in paths:
+        found = _remote(path)
+        if found:
+            remote, rel = found
+            _call("cannot delete from", remote, remote.fs.rm_file, remote.key(rel))
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _download(remote: Remote, rel: str, final: Path) -> bool:
+    """One object to `final`, through a hidden temp file: a reader never sees part of it.
+
+    False when the store has no such object.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _call("cannot read", remote, remote.fs.get_file, remote.key(rel), str(tmp))
+        os.replace(tmp, final)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _listing(remote: Remote, prefix: str) -> set[str]:
+    remote.fs.invalidate_cache()  # another machine may have written since the last listing
+    keys = _call("cannot list", remote, remote.fs.find, remote.key(prefix))
+    start = len(remote.root) + 1
+    return {k[start:] for k in keys}
+
+
+def _is_part(rel: str) -> bool:
+    return rel.endswith(".parquet") and not Path(rel).name.startswith(".")
+
+
+def pull(data_dir: Path) -> None:
+    """Make the mirror's tables (and shared files) what the store holds. No-op for a local dir."""
+    found = _remote(data_dir)
+    if not found:
+        return
+    remote = found[0]
+    # list the mirror before the store: a part renamed into the mirror was uploaded first,
+    # so it is in the store's listing too, unless another machine has since removed it
+    local = {p.relative_to(data_dir).as_posix() for p in (data_dir / "tables").rglob("*.parquet")
+             if _is_part(p.relative_to(data_dir).as_posix())}
+    stored = {k for k in _listing(remote, "tables") if _is_part(k)}
+    # parts (part-*) never change once written; derived tables (labels, clusters, …) are
+    # replaced under one name, and are small: those are fetched every time
+    missing = sorted(k for k in stored if k not in local or not Path(k).name.startswith("part-"))
+    _transfer(remote, data_dir, missing)
+    for gone in local - stored:
+        (data_dir / gone).unlink(missing_ok=True)
+    for name in SHARED_FILES:
+        if _call("cannot read", remote, remote.fs.exists, remote.key(name)):
+            _download(remote, name, data_dir / name)
+    if missing or local - stored:
+        log.info("mirror of %s: %d table part(s) fetched, %d removed",
+                 remote.url, len(missing), len(local - stored))
+
+
+def _transfer(remote: Remote, data_dir: Path, rels: list[str]) -> int:
+    """Download `rels` into `data_dir`, concurrently; how many the store had."""
+    with ThreadPoolExecutor(_TRANSFERS) as pool:
+        return sum(pool.map(lambda rel: _download(remote, rel, data_dir / rel), rels))
+
+
+def ensure_local(paths: Iterable[Path]) -> None:
+    """Fetch the files among `paths` that a mirror lacks locally from its store.
+
+    Files in no mirror, or missing from the store too, are left for the caller
+    to find missing (and say so).
+    """
+    wanted: dict[Path, list[str]] = {}
+    for path in paths:
+        found = None if path.exists() else _remote(path)
+        if found:
+            local = next(root for root, r in _MIRRORS.items() if r is found[0])
+            wanted.setdefault(local, []).append(found[1])
+    for local, rels in wanted.items():
+        fetched = _transfer(_MIRRORS[local], local, rels)
+        log.info("fetched %d of %d file(s) from %s", fetched, len(rels), _MIRRORS[local].url)
+
+
+def stored_media(data_dir: Path) -> set[str]:
+    """Relative paths of the media the store holds (empty for a local data dir)."""
+    found = _remote(data_dir)
+    return _listing(found[0], "media") if found else set()
