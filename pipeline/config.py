@@ -83,6 +83,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: expected \"auto\" or a count, got {value!r}")
         return value
     value = _convert(key, value, type(default))
+    if key == "decode.draft_factor" and value != 0 and value < 1:
+        # below 1 the model would see an image decoded smaller than its input, then upscaled
+        raise ConfigError(f"{key}: expected 0 (off) or at least 1, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     return value

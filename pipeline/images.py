@@ -65,14 +65,20 @@ def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
         return ImageInfo(img.format or "unknown", img.width, img.height)
 
 
-def load_rgb(path: Path, max_pixels: int = 89_478_485) -> Image.Image:
+def load_rgb(path: Path, max_pixels: int = 89_478_485, min_side: int | None = None) -> Image.Image:
     """Decode to an RGB image the way a model should see it.
 
     EXIF orientation is applied; palette, CMYK, 16-bit and alpha images become
     plain RGB (alpha composited on white); animations give their first frame.
+    With `min_side`, a JPEG may come out smaller: libjpeg scales it by 1/2, 1/4
+    or 1/8 while decoding (in the DCT domain, a fraction of a full decode's work),
+    as far as both sides stay at least `min_side`. Other formats ignore it.
     """
     with _open(path, max_pixels) as src:
         try:
+            if min_side:
+                # before anything loads pixels; the mode stays (None), only the scale changes
+                src.draft(None, (min_side, min_side))
             return _to_rgb(ImageOps.exif_transpose(src))  # a copy: safe to close the file
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImage(f"cannot decode {path.name}: {e}") from None

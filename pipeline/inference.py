@@ -5,15 +5,19 @@ the account minus those already in the model's partition (an anti-join), so
 a rerun does only what is left and a repost is processed once.
 
 Throughput: DataLoader workers (one torch thread each) decode and preprocess
-while the model runs; on CUDA, JPEGs are instead read raw by the workers and
-decoded + resized on the GPU (nvjpeg), since at thousands of images a second
-CPU decoding cannot keep up. Batches that do not fit in GPU memory are split
+while the model runs. A JPEG is decoded straight at the smallest libjpeg scale
+(1/2, 1/4, 1/8) whose shorter side stays at least `decode.draft_factor` times the
+model's input size, so a 1080 px photo for a 224 px model costs a half-size decode
+and a small resize instead of a full one and a big resize. On CUDA, JPEGs are
+instead read raw by the workers and decoded + resized on the GPU (nvjpeg), since
+at thousands of images a second CPU decoding cannot keep up. Batches that do not fit in GPU memory are split
 in half until they do.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +47,7 @@ class LoaderSettings:
     workers: int
     gpu_decode: bool
     max_pixels: int = 89_478_485
+    draft_factor: float = 0.0           # 0: JPEGs decoded at full size (see draft_side)
 
 
 def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSettings:
@@ -56,7 +61,25 @@ def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSetting
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     # true forces torchvision's decoder on any device (on the CPU: libjpeg-turbo, no Pillow)
     gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu)
-    return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels)
+    return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels,
+                          cfg.decode.draft_factor)
+
+
+def draft_side(preprocess: Callable, factor: float) -> int | None:
+    """The shorter side a JPEG may be scaled down to while decoding, ahead of `preprocess`.
+
+    `factor` times the size of the Resize that `preprocess` starts with: the resize
+    then still works from at least `factor`× its output, so it sees nearly the pixels
+    a full decode gives (draft_factor in configs/default.toml). None (decode in full)
+    when `factor` is 0 or the transform does not start with a Resize.
+    """
+    steps = getattr(preprocess, "transforms", [])
+    if factor <= 0 or not steps or not isinstance(steps[0], T.Resize):
+        return None
+    size = steps[0].size
+    # an int (or one number) sizes the shorter side; (h, w) squashes: the larger one bounds both
+    target = size if isinstance(size, int) else max(size)
+    return math.ceil(factor * target)
 
 
 def gpu_preprocess(preprocess: Callable) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
@@ -99,15 +122,16 @@ def gpu_preprocess(preprocess: Callable) -> Callable[[list[torch.Tensor]], torch
 class ImageFiles(Dataset):
     """Each item: (index, preprocessed tensor | raw JPEG bytes, error). Errors never raise."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int, raw_jpeg: bool):
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int, raw_jpeg: bool,
+                 min_side: int | None = None):
         self.paths, self.preprocess, self.max_pixels = paths, preprocess, max_pixels
-        self.raw_jpeg = raw_jpeg
+        self.raw_jpeg, self.min_side = raw_jpeg, min_side  # min_side: see images.load_rgb
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def decode(self, i: int) -> torch.Tensor:
-        return self.preprocess(images.load_rgb(self.paths[i], self.max_pixels))
+        return self.preprocess(images.load_rgb(self.paths[i], self.max_pixels, self.min_side))
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
@@ -154,10 +178,12 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
     Plain fork copies the caller's atexit hooks: under Prefect, its log and event
     services' hooks then fail in every worker at exit (exit code 1), and a
-    forked process never holds the threads those hooks expect.
+    forked process never holds the threads those hooks expect. open_clip is
+    preloaded too: unpickling its transforms imports it, seconds that every
+    worker of every stage run would otherwise spend before its first image.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, "open_clip"])
     return context
 
 
@@ -257,7 +283,8 @@ def run(
         shas = [sha for sha, _ in todo]
         storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
         dataset = ImageFiles([data_dir / p for _, p in todo], preprocess, settings.max_pixels,
-                             raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None)
+                             raw_jpeg=settings.gpu_decode and gpu_preprocess(preprocess) is not None,
+                             min_side=draft_side(preprocess, settings.draft_factor))
         call = HalveOnOOM(model_fn, settings.batch_size)
         rows: list[dict[str, Any]] = []
         with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:

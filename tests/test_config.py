@@ -61,3 +61,21 @@ def test_auto_keys_take_auto_or_their_type(environ, expected):
 def test_auto_keys_and_choices_refuse_other_values(environ, message):
     with pytest.raises(ConfigError, match=message):
         load_config(environ=environ)
+
+
+@pytest.mark.parametrize("text, environ, expected", [
+    ("[decode]\ndraft_factor = 3\n", {}, 3.0),           # a TOML integer is fine
+    ("", {"CLIPGRAM_DECODE_DRAFT_FACTOR": "0"}, 0.0),
+    ("", {"CLIPGRAM_DECODE_DRAFT_FACTOR": "1.5"}, 1.5),
+])
+def test_draft_factor_is_a_float(tmp_path, text, environ, expected):
+    (tmp_path / "user.toml").write_text(text)
+    value = load_config(tmp_path / "user.toml", environ=environ).decode.draft_factor
+    assert isinstance(value, float) and value == expected
+
+
+@pytest.mark.parametrize("value", ["0.5", "-1"])
+def test_draft_factor_below_one_is_refused(value):
+    # decoding below the model's input size would throw detail away: only 0 (off) or >= 1
+    with pytest.raises(ConfigError, match="decode.draft_factor: expected 0 .off. or at least 1"):
+        load_config(environ={"CLIPGRAM_DECODE_DRAFT_FACTOR": value})

@@ -100,3 +100,63 @@ def test_not_images_say_what_they_look_like(tmp_path, body, says):
     path.write_bytes(body)
     with pytest.raises(images.BadImage, match=f"not an image: .*{says}"):
         images.verify(path)
+
+
+def _halves(size, first, second):
+    """Left half `first`, right half `second`."""
+    img = Image.new("RGB", size, second)
+    img.paste(first, (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def test_min_side_decodes_a_jpeg_at_a_smaller_scale(tmp_path):
+    path = _save(tmp_path / "big.jpg", _halves((1080, 1080), (255, 0, 0), (0, 0, 255)), quality=90)
+    full, draft = images.load_rgb(path), images.load_rgb(path, min_side=448)
+    assert full.size == (1080, 1080)
+    assert draft.size == (540, 540)                        # 1/2: 1/4 would be 270 < 448
+    assert images.load_rgb(path, min_side=224).size == (270, 270)
+    assert images.load_rgb(path, min_side=100).size == (135, 135)  # libjpeg stops at 1/8
+    # the same picture, not just fewer pixels
+    assert full.resize(draft.size, Image.Resampling.BOX).getpixel((100, 270)) == pytest.approx(
+        draft.getpixel((100, 270)), abs=4)
+    assert images.verify(path).width == 1080               # download verification decodes in full
+
+
+def test_min_side_keeps_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display: the stored left half ends up on top
+    path = _save(tmp_path / "rot.jpg", _halves((1080, 540), (255, 0, 0), (0, 0, 255)),
+                 exif=exif.tobytes(), quality=90)
+    img = images.load_rgb(path, min_side=224)
+    assert img.size == (270, 540)                          # 1/2 of 540×1080, upright
+    top, bottom = img.getpixel((135, 60)), img.getpixel((135, 480))
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+@pytest.mark.parametrize("name, img, kw, min_side", [
+    ("big.png", Image.new("RGB", (1080, 1080), (10, 200, 10)), {}, 224),         # not a JPEG
+    ("small.jpg", Image.new("RGB", (400, 300), (10, 200, 10)), {"quality": 90}, 224),  # 1/2 < 224
+    ("tiny.jpg", Image.new("RGB", (64, 48), (10, 200, 10)), {"quality": 90}, 448),     # < min_side
+])
+def test_min_side_leaves_other_images_as_they_are(tmp_path, name, img, kw, min_side):
+    path = _save(tmp_path / name, img, **kw)
+    full, draft = images.load_rgb(path), images.load_rgb(path, min_side=min_side)
+    assert draft.size == full.size == img.size
+    assert draft.tobytes() == full.tobytes()
+
+
+def test_min_side_converts_cmyk_jpegs(tmp_path):
+    path = _save(tmp_path / "cmyk.jpg", Image.new("CMYK", (1080, 1080), (0, 255, 255, 0)), format="JPEG")
+    img = images.load_rgb(path, min_side=224)
+    assert (img.mode, img.size) == ("RGB", (270, 270))
+    assert all(abs(a - b) <= 3 for a, b in zip(img.getpixel((135, 135)), (255, 0, 0)))
+
+
+def test_min_side_keeps_the_guards(tmp_path, jpeg):
+    big = _save(tmp_path / "bomb.jpg", Image.new("RGB", (1080, 1080)), quality=90)
+    with pytest.raises(images.BadImage, match="decompression bomb"):
+        images.load_rgb(big, max_pixels=10_000, min_side=64)   # the guard reads the full size
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(big.read_bytes()[:2000])
+    with pytest.raises(images.BadImage, match="cannot decode"):
+        images.load_rgb(truncated, min_side=224)

@@ -1,14 +1,31 @@
 """clipgram's batched path gives what open_clip's reference loop gives, image by image."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision import transforms as T
 
-from pipeline import demo, inference, tables
+from pipeline import demo, images, inference, tables
+from pipeline.bench import _render_jpeg
 from pipeline.embed import embed
 from pipeline.models import clip, pick_device
+
+
+def _as_downloaded(cfg, paths):
+    """Media rows for `paths` (sha256 = index), as the download stage leaves them."""
+    tables.write_part(cfg.data_dir, tables.MEDIA, "parity", [
+        {"media_id": p.stem, "shortcode": p.stem, "position": 0, "status": "done",
+         "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
+
+
+def _tiny_encoder(cfg, precision):
+    return clip.ClipEncoder(clip.resolve.resolve("tiny", default="", tiny_arch=clip.tiny.TINY_CLIP,
+                                                 cache_dir=clip.model_cache_dir(cfg.models.cache_dir)),
+                            pick_device("cpu"), precision=precision)
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +33,18 @@ def stored(make_config, tmp_path_factory):
     """The sample's images in a data dir, as if downloaded, embedded by the stage."""
     cfg = make_config(tmp_path_factory.mktemp("data"), decode={"workers": 1}, embed={"batch_size": 5})
     paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
-    tables.write_part(cfg.data_dir, tables.MEDIA, "parity", [
-        {"media_id": p.stem, "shortcode": p.stem, "position": 0, "status": "done",
-         "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
+    _as_downloaded(cfg, paths)
     return cfg, paths
+
+
+@pytest.fixture(scope="module")
+def instagram_jpegs(tmp_path_factory):
+    """1080 px JPEGs with photo-like grain (as `make bench` renders them), and a 1.91:1 landscape."""
+    directory = tmp_path_factory.mktemp("jpegs")
+    paths = [_render_jpeg((directory / f"post{i}.jpg", 1080, i)) for i in range(6)]
+    with Image.open(paths[0]) as square:
+        square.crop((0, 257, 1080, 823)).save(directory / "landscape.jpg", quality=90)
+    return [*paths, directory / "landscape.jpg"]
 
 
 def _reference(encoder, path):
@@ -39,9 +64,7 @@ def _stored_vectors(cfg, encoder):
 @pytest.mark.parametrize("precision, floor", [("fp32", 0.999), ("bf16", 0.99)])
 def test_stored_embeddings_match_the_reference_loop(stored, precision, floor):
     cfg, paths = stored
-    encoder = clip.ClipEncoder(clip.resolve.resolve("tiny", default="", tiny_arch=clip.tiny.TINY_CLIP,
-                                                    cache_dir=clip.model_cache_dir(cfg.models.cache_dir)),
-                               pick_device("cpu"), precision=precision)
+    encoder = _tiny_encoder(cfg, precision)
     embed(cfg.data_dir, "parity", cfg, encoder)
     vectors = _stored_vectors(cfg, encoder)
     assert len(vectors) == len(paths)
@@ -74,3 +97,55 @@ def test_gpu_preprocessing_mirrors_open_clips_transform(stored):
     ours = encoder.encode_images(mirror(decoded))
     ref = np.stack([_reference(encoder, p) for p in paths])
     assert np.min(np.sum(ours * ref, axis=1)) >= 0.999
+
+
+def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, instagram_jpegs, tmp_path):
+    """The default config decodes 1080 px JPEGs at a smaller libjpeg scale; embeddings stay put."""
+    cfg = make_config(tmp_path / "data", decode={"workers": 1}, embed={"batch_size": 4})
+    encoder = _tiny_encoder(cfg, "fp32")
+    side = inference.draft_side(encoder.preprocess, cfg.decode.draft_factor)
+    assert side is not None  # else this compares full decodes: not the point
+    assert all(images.load_rgb(p, min_side=side).width < 1080 for p in instagram_jpegs)
+    _as_downloaded(cfg, instagram_jpegs)
+    embed(cfg.data_dir, "parity", cfg, encoder)
+    vectors = _stored_vectors(cfg, encoder)
+    assert len(vectors) == len(instagram_jpegs)
+    cosines = [float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(instagram_jpegs)]
+    assert min(cosines) >= 0.999, cosines
+
+
+@pytest.mark.parametrize("factor", [None, 0.0])  # None: the default config's
+def test_the_embed_stage_decodes_jpegs_at_the_draft_scale(make_config, instagram_jpegs, tmp_path,
+                                                          monkeypatch, factor):
+    decode = {"workers": 0} | ({} if factor is None else {"draft_factor": factor})
+    cfg = make_config(tmp_path / "data", decode=decode)  # in-process: the spy sees every decode
+    encoder = clip.from_config(cfg.models)
+    _as_downloaded(cfg, instagram_jpegs[:2])
+    sizes, load_rgb = [], images.load_rgb
+
+    def spy(*args, **kwargs):
+        img = load_rgb(*args, **kwargs)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(images, "load_rgb", spy)
+    assert embed(cfg.data_dir, "parity", cfg, encoder).done == 2
+    side = inference.draft_side(encoder.preprocess, cfg.decode.draft_factor)
+    expected = [load_rgb(p, min_side=side).size for p in instagram_jpegs[:2]]
+    assert sizes == expected
+    assert all(w < 1080 for w, _ in sizes) == (cfg.decode.draft_factor > 0)
+
+
+def test_draft_side_follows_the_models_resize(stored):
+    cfg, _ = stored
+    preprocess = clip.from_config(cfg.models).preprocess
+    resize = preprocess.transforms[0]
+    assert isinstance(resize, T.Resize)
+    size = resize.size if isinstance(resize.size, int) else resize.size[0]
+    assert inference.draft_side(preprocess, 2.0) == 2 * size
+    assert inference.draft_side(preprocess, 1.5) == math.ceil(1.5 * size)
+    assert inference.draft_side(preprocess, 0.0) is None
+    assert inference.draft_side(T.Compose(preprocess.transforms[1:]), 2.0) is None  # no Resize first
+    assert inference.draft_side(T.Compose([T.Resize((64, 96)), T.ToTensor()]), 2.0) == 192  # squash
+    settings = inference.loader_settings(cfg, "embed", pick_device("cpu"))
+    assert settings.draft_factor == cfg.decode.draft_factor
