@@ -10,8 +10,8 @@ while the model runs. A JPEG is decoded straight at the smallest libjpeg scale
 model's input size, so a 1080 px photo for a 224 px model costs a half-size decode
 and a small resize instead of a full one and a big resize. On CUDA, JPEGs are
 instead read raw by the workers and decoded + resized on the GPU (nvjpeg), since
-at thousands of images a second CPU decoding cannot keep up. Batches that do not fit in GPU memory are split
-in half until they do.
+at thousands of images a second CPU decoding cannot keep up. Batches that do not
+fit in GPU memory are split in half until they do.
 """
 
 from __future__ import annotations
