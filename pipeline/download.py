@@ -250,10 +250,12 @@ def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
     A URL already downloaded for any account is filled in from that row instead
     of being fetched again.
     """
-    in_store = storage.stored_media(data_dir)  # an object-store data dir: files not mirrored here
+    @functools.cache
+    def in_store() -> set[str]:  # an object-store data dir's files: listed once, if ever needed
+        return storage.stored_media(data_dir)
 
     def stored(rel: str) -> bool:
-        return (data_dir / rel).exists() or rel in in_store
+        return (data_dir / rel).exists() or rel in in_store()
 
     con = tables.connect(data_dir)
     rows = []

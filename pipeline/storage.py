@@ -47,6 +47,7 @@ class Remote:
     url: str                # the data dir's URL, as configured
     fs: Any                 # fsspec.AbstractFileSystem
     root: str               # the URL's path inside `fs`, no trailing slash
+    local: Path             # this machine's mirror of it
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -86,16 +87,16 @@ def local_dir(location: str, cache_dir: str = "", options: dict[str, Any] | None
         except (ImportError, ValueError) as e:
             raise StorageError(f"cannot open data dir {location}: {e} (for s3:// install s3fs, "
                                "for gs:// gcsfs; settings go in [data] storage_options)") from None
-        _MIRRORS[local] = Remote(location, fs, root.rstrip("/"))
+        _MIRRORS[local] = Remote(location, fs, root.rstrip("/"), local)
         local.mkdir(parents=True, exist_ok=True)
     return local
 
 
 def _remote(path: Path) -> tuple[Remote, str] | None:
     """The store behind local `path`, and the path's key relative to the data dir."""
-    for local, remote in _MIRRORS.items():
-        if path.is_relative_to(local):
-            return remote, path.relative_to(local).as_posix()
+    for remote in _MIRRORS.values():
+        if path.is_relative_to(remote.local):
+            return remote, path.relative_to(remote.local).as_posix()
     return None
 
 
@@ -129,7 +130,7 @@ def upload_new(path: Path) -> None:
     if found:
         remote, rel = found
         if not _call("cannot read", remote, remote.fs.exists, remote.key(rel)):
-            upload(path, path)
+            _call("cannot write to", remote, remote.fs.put_file, str(path), remote.key(rel))
 
 
 def remove(paths: Iterable[Path]) -> None:
@@ -180,8 +181,8 @@ def pull(data_dir: Path) -> None:
     remote = found[0]
     # list the mirror before the store: a part renamed into the mirror was uploaded first,
     # so it is in the store's listing too, unless another machine has since removed it
-    local = {p.relative_to(data_dir).as_posix() for p in (data_dir / "tables").rglob("*.parquet")
-             if _is_part(p.relative_to(data_dir).as_posix())}
+    local = {rel for rel in (p.relative_to(data_dir).as_posix()
+                             for p in (data_dir / "tables").rglob("*.parquet")) if _is_part(rel)}
     stored = {k for k in _listing(remote, "tables") if _is_part(k)}
     # parts (part-*) never change once written; derived tables (labels, clusters, …) are
     # replaced under one name, and are small: those are fetched every time
@@ -190,8 +191,7 @@ def pull(data_dir: Path) -> None:
     for gone in local - stored:
         (data_dir / gone).unlink(missing_ok=True)
     for name in SHARED_FILES:
-        if _call("cannot read", remote, remote.fs.exists, remote.key(name)):
-            _download(remote, name, data_dir / name)
+        _download(remote, name, data_dir / name)  # a no-op when the store has none yet
     if missing or local - stored:
         log.info("mirror of %s: %d table part(s) fetched, %d removed",
                  remote.url, len(missing), len(local - stored))
@@ -209,15 +209,16 @@ def ensure_local(paths: Iterable[Path]) -> None:
     Files in no mirror, or missing from the store too, are left for the caller
     to find missing (and say so).
     """
-    wanted: dict[Path, list[str]] = {}
+    if not _MIRRORS:
+        return  # a local data dir: no file to stat here
+    wanted: dict[Remote, list[str]] = {}
     for path in paths:
-        found = None if path.exists() else _remote(path)
-        if found:
-            local = next(root for root, r in _MIRRORS.items() if r is found[0])
-            wanted.setdefault(local, []).append(found[1])
-    for local, rels in wanted.items():
-        fetched = _transfer(_MIRRORS[local], local, rels)
-        log.info("fetched %d of %d file(s) from %s", fetched, len(rels), _MIRRORS[local].url)
+        found = _remote(path)
+        if found and not path.exists():
+            wanted.setdefault(found[0], []).append(found[1])
+    for remote, rels in wanted.items():
+        fetched = _transfer(remote, remote.local, rels)
+        log.info("fetched %d of %d file(s) from %s", fetched, len(rels), remote.url)
 
 
 def stored_media(data_dir: Path) -> set[str]:
