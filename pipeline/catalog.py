@@ -199,12 +199,8 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
 
 def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
     final = data_dir / MODELS_FILE
-    if final.exists() and json.loads(final.read_text()) == models:
-        return
-    tmp = data_dir / f".{MODELS_FILE}.tmp"
-    tmp.write_text(json.dumps(models))
-    storage.upload(tmp, final)
-    os.replace(tmp, final)
+    if not final.exists() or json.loads(final.read_text()) != models:
+        storage.write_text(final, json.dumps(models))
 
 
 def republish(data_dir: Path, account: str = "*") -> StageResult:

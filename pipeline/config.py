@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
+from pipeline import storage
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_FILE = CONFIG_DIR / "default.toml"
 ENV_PREFIX = "CLIPGRAM_"
@@ -29,8 +31,6 @@ class Config(SimpleNamespace):
     @property
     def data_dir(self) -> Path:
         """Where stages read and write: data.dir, or the local mirror of an object-store data.dir."""
-        from pipeline import storage
-
         return storage.local_dir(self.data.dir, self.data.cache_dir, self.data.storage_options)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:

@@ -124,6 +124,17 @@ def upload(tmp: Path, final: Path) -> None:
         _call("cannot write to", remote, remote.fs.put_file, str(tmp), remote.key(rel))
 
 
+def write_text(path: Path, text: str) -> None:
+    """Replace the small file `path` with `text` atomically, in the store first when there is one."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(text)
+        upload(tmp, path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def upload_new(path: Path) -> None:
     """Upload content-addressed `path` unless the store already has it (same name, same bytes)."""
     found = _remote(path)

@@ -97,10 +97,7 @@ def define(data_dir: Path, name: str, labels: dict[str, list[str]], templates: l
         lines.append("")
     path = data_dir / USER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    storage.upload(tmp, path)
-    tmp.replace(path)
+    storage.write_text(path, "\n".join(lines))
     return path
 
 
