@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import bench_rerun, bench_search, demo, download, images, inference, synthetic, tables
+from pipeline import bench_rerun, bench_search, demo, download, images, loader, synthetic, tables
 from pipeline.config import load_config
 from pipeline.embed import embed
 from pipeline.models import captioner as captioner_mod
@@ -124,38 +125,45 @@ def bench_download(data_dir: Path, site: Path, names: list[str], concurrency: in
             "mb_s": megabytes / seconds, "seconds": seconds}
 
 
-def _decode_ips(files: list[Path], preprocess: Callable, settings: inference.LoaderSettings,
-                device: torch.device, raw_jpeg: bool, min_side: int | None) -> float:
-    dataset = inference.ImageFiles(files, preprocess, settings.max_pixels, raw_jpeg, min_side)
+def _decode_ips(files: list[Path], preprocess: Callable, settings: loader.LoaderSettings,
+                device: torch.device) -> tuple[float, loader.Split | None]:
+    dataset = loader.dataset(files, preprocess, settings)
     start = time.perf_counter()
-    decoded = sum(len(i) for i, _, _ in inference.batches(dataset, settings, device))
+    decoded = sum(len(i) for i, _, _ in loader.batches(dataset, settings, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return decoded / (time.perf_counter() - start)
+    return decoded / (time.perf_counter() - start), dataset.split
 
 
-def bench_decode(files: list[Path], preprocess: Callable, settings: inference.LoaderSettings,
+def bench_decode(files: list[Path], preprocess: Callable, settings: loader.LoaderSettings,
                  device: torch.device) -> dict[str, Any]:
     """Decode-only img/s (files → preprocessed batches on `device`, no model) of each way to decode:
-    on the CPU with libjpeg's draft scaling off and on, and with nvjpeg when `settings` use it.
+    on the CPU with libjpeg's draft scaling off and on; where `settings` use the device's decoder,
+    every JPEG through it (nvjpeg on CUDA) and the balanced split of JPEGs between both.
 
     The ways take turns, best of two each, so that a busy moment of the host lands on no one figure.
     """
-    side = inference.draft_side(preprocess, settings.draft_factor)
-    ways = {"cpu_full": (False, None), "cpu_draft": (False, side)}
+    cpu = replace(settings, gpu_decode=False)
+    ways = {"cpu_full": replace(cpu, draft_factor=0.0), "cpu_draft": cpu}
     if settings.gpu_decode:
-        ways["nvjpeg"] = (True, None)
-    _decode_ips(files[:settings.batch_size], preprocess, settings, device, False, None)  # starts the fork server
+        ways["nvjpeg"] = replace(settings, gpu_share=1.0)
+        ways["split"] = replace(settings, gpu_share=None)
+    _decode_ips(files[:settings.batch_size], preprocess, cpu, device)  # starts the fork server
     best = dict.fromkeys(ways, 0.0)
+    split_summary = None
     for _ in range(2):
-        for name, (raw_jpeg, min_side) in ways.items():
-            best[name] = max(best[name], _decode_ips(files, preprocess, settings, device, raw_jpeg, min_side))
-    return {"decode_ips": {"nvjpeg": None, **best}, "draft_min_side": side,
-            "draft_speedup": best["cpu_draft"] / best["cpu_full"]}
+        for name, way in ways.items():
+            ips, split = _decode_ips(files, preprocess, way, device)
+            if ips > best[name]:
+                best[name] = ips
+                split_summary = split.summary() if name == "split" else split_summary
+    return {"decode_ips": {"nvjpeg": None, "split": None, **best},
+            "draft_min_side": loader.draft_side(preprocess, settings.draft_factor),
+            "draft_speedup": best["cpu_draft"] / best["cpu_full"], "decode_split": split_summary}
 
 
 def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
-                batch_size: int, num_workers: int) -> dict[str, Any]:
+                batch_size: int, num_workers: int | None) -> dict[str, Any]:
     encoder = clip_mod.ClipEncoder(Resolved(f"{arch}@random", arch, None), device)
     paths = sorted((data_dir / "media").rglob("*.jpg"))[:count]
     tensors = torch.stack([encoder.preprocess(images.load_rgb(p)) for p in paths])
@@ -174,19 +182,20 @@ def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
 
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "embed": {"batch_size": batch_size},
                                  "decode": {"workers": num_workers}}, environ={})
-    settings = inference.loader_settings(cfg, "embed", device)
+    settings = loader.loader_settings(cfg, "embed", device)
     decode = bench_decode(sorted((data_dir / "media").rglob("*.jpg")), encoder.preprocess, settings, device)
-    decode_only_ips = decode["decode_ips"]["nvjpeg" if settings.gpu_decode else "cpu_draft"]  # the default
+    decode_only_ips = decode["decode_ips"]["split" if settings.gpu_decode else "cpu_draft"]  # the default
     utilisation: list[float] = []
     with gpu_utilisation(utilisation):
         start = time.perf_counter()
-        done = embed(data_dir, "bench", cfg, encoder).done  # JPEG files → Parquet, every stored image
-        e2e_ips = done / (time.perf_counter() - start)
+        result = embed(data_dir, "bench", cfg, encoder)  # JPEG files → Parquet, every stored image
+        e2e_ips = result.done / (time.perf_counter() - start)
     model_only_ips = len(paths) / model_only
     naive_ips = naive_n / naive_s
     return {
-        "model": f"{arch} (random weights)", "images": done, "batch_size": batch_size,
-        "model_only_ips": model_only_ips, "decode_only_ips": decode_only_ips, **decode, "e2e_ips": e2e_ips,
+        "model": f"{arch} (random weights)", "images": result.done, "batch_size": batch_size,
+        "workers": settings.workers, "model_only_ips": model_only_ips, "decode_only_ips": decode_only_ips,
+        **decode, "e2e_ips": e2e_ips, "e2e_split": result.details.get("decode_split"),
         "e2e_over_model_only": e2e_ips / model_only_ips, "naive_ips": naive_ips,
         "naive_speedup": e2e_ips / naive_ips, "peak_rss_mb": _peak_rss_mb(),
         "gpu_utilisation_pct": sum(utilisation) / len(utilisation) if utilisation else None,
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-images", type=int, default=64 if gpu else 4)
     parser.add_argument("--size", type=int, default=1080, help="JPEG side (Instagram: 1080)")
     parser.add_argument("--batch-size", type=int, default=256 if gpu else 32)
-    parser.add_argument("--workers", type=int, default=8 if gpu else 1)
+    parser.add_argument("--workers", type=int, default=None if gpu else 1,
+                        help="decode workers (default on a GPU: decode.workers = auto)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
     device = pick_device("auto")

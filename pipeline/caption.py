@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pipeline import inference, tables
+from pipeline import inference, loader, tables
 from pipeline.models import captioner
 from pipeline.stages import StageResult
 
@@ -20,5 +20,5 @@ def caption(data_dir: Path, account: str, cfg: Any) -> StageResult:
 
     return inference.run(
         data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess, rows,
-        device=model.device, settings=inference.loader_settings(cfg, "caption", model.device),
+        device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
         part_rows=cfg.embed.part_rows, failed_row=lambda error: {"caption": None, "error": error})

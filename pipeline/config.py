@@ -39,7 +39,8 @@ class Config(SimpleNamespace):
 
 # Keys whose default is "auto" and whose other values are not words: the type they take.
 AUTO_TYPES: dict[str, type] = {
-    "decode.workers": int, "decode.gpu": bool, "embed.batch_size": int, "caption.batch_size": int,
+    "decode.workers": int, "decode.gpu": bool, "decode.gpu_share": float,
+    "embed.batch_size": int, "caption.batch_size": int,
 }
 # Keys that take one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -81,6 +82,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = _convert(key, value, AUTO_TYPES[key])
         if AUTO_TYPES[key] is int and value < (0 if key == "decode.workers" else 1):
             raise ConfigError(f"{key}: expected \"auto\" or a count, got {value!r}")
+        if AUTO_TYPES[key] is float and not 0 <= value <= 1:
+            raise ConfigError(f"{key}: expected \"auto\" or a share from 0 to 1, got {value!r}")
         return value
     value = _convert(key, value, type(default))
     if key == "decode.draft_factor" and value != 0 and value < 1:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pipeline import inference, tables
+from pipeline import inference, loader, tables
 from pipeline.models import clip
 from pipeline.stages import StageResult
 
@@ -21,5 +21,5 @@ def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | No
 
     return inference.run(
         data_dir, "embed", account, tables.EMBEDDINGS, encoder.id, encoder.preprocess, rows,
-        device=encoder.device, settings=inference.loader_settings(cfg, "embed", encoder.device),
+        device=encoder.device, settings=loader.loader_settings(cfg, "embed", encoder.device),
         part_rows=cfg.embed.part_rows)

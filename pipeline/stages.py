@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import tables
@@ -22,6 +22,7 @@ class StageResult:
     done: int = 0       # items this run completed
     failed: int = 0     # items this run recorded as failed
     note: str = ""
+    details: dict = field(default_factory=dict)  # figures for benchmarks, not the ledger
 
     def log(self) -> "StageResult":
         extra = f" ({self.note})" if self.note else ""

@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import demo, images, inference, tables
+from pipeline import demo, images, loader, tables
 from pipeline.bench import _render_jpeg
 from pipeline.embed import embed
 from pipeline.models import clip, pick_device
@@ -90,11 +90,11 @@ def test_gpu_preprocessing_mirrors_open_clips_transform(stored):
     """The tensor transform used after nvjpeg, checked here on CPU-decoded JPEGs."""
     cfg, paths = stored
     encoder = clip.from_config(cfg.models)
-    mirror = inference.gpu_preprocess(encoder.preprocess)
+    mirror = loader.Transform.of(encoder.preprocess)
     assert mirror is not None
     decoded = [torchvision.io.decode_jpeg(torchvision.io.read_file(str(p)),
                                           mode=torchvision.io.ImageReadMode.RGB) for p in paths]
-    ours = encoder.encode_images(mirror(decoded))
+    ours = encoder.encode_images(mirror.finish(mirror.crop_decoded(decoded)))
     ref = np.stack([_reference(encoder, p) for p in paths])
     assert np.min(np.sum(ours * ref, axis=1)) >= 0.999
 
@@ -103,7 +103,7 @@ def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, ins
     """The default config decodes 1080 px JPEGs at a smaller libjpeg scale; embeddings stay put."""
     cfg = make_config(tmp_path / "data", decode={"workers": 1}, embed={"batch_size": 4})
     encoder = _tiny_encoder(cfg, "fp32")
-    side = inference.draft_side(encoder.preprocess, cfg.decode.draft_factor)
+    side = loader.draft_side(encoder.preprocess, cfg.decode.draft_factor)
     assert side is not None  # else this compares full decodes: not the point
     assert all(images.load_rgb(p, min_side=side).width < 1080 for p in instagram_jpegs)
     _as_downloaded(cfg, instagram_jpegs)
@@ -130,7 +130,7 @@ def test_the_embed_stage_decodes_jpegs_at_the_draft_scale(make_config, instagram
 
     monkeypatch.setattr(images, "load_rgb", spy)
     assert embed(cfg.data_dir, "parity", cfg, encoder).done == 2
-    side = inference.draft_side(encoder.preprocess, cfg.decode.draft_factor)
+    side = loader.draft_side(encoder.preprocess, cfg.decode.draft_factor)
     expected = [load_rgb(p, min_side=side).size for p in instagram_jpegs[:2]]
     assert sizes == expected
     assert all(w < 1080 for w, _ in sizes) == (cfg.decode.draft_factor > 0)
@@ -142,10 +142,25 @@ def test_draft_side_follows_the_models_resize(stored):
     resize = preprocess.transforms[0]
     assert isinstance(resize, T.Resize)
     size = resize.size if isinstance(resize.size, int) else resize.size[0]
-    assert inference.draft_side(preprocess, 2.0) == 2 * size
-    assert inference.draft_side(preprocess, 1.5) == math.ceil(1.5 * size)
-    assert inference.draft_side(preprocess, 0.0) is None
-    assert inference.draft_side(T.Compose(preprocess.transforms[1:]), 2.0) is None  # no Resize first
-    assert inference.draft_side(T.Compose([T.Resize((64, 96)), T.ToTensor()]), 2.0) == 192  # squash
-    settings = inference.loader_settings(cfg, "embed", pick_device("cpu"))
+    assert loader.draft_side(preprocess, 2.0) == 2 * size
+    assert loader.draft_side(preprocess, 1.5) == math.ceil(1.5 * size)
+    assert loader.draft_side(preprocess, 0.0) is None
+    assert loader.draft_side(T.Compose(preprocess.transforms[1:]), 2.0) is None  # no Resize first
+    assert loader.draft_side(T.Compose([T.Resize((64, 96)), T.ToTensor()]), 2.0) == 192  # squash
+    settings = loader.loader_settings(cfg, "embed", pick_device("cpu"))
     assert settings.draft_factor == cfg.decode.draft_factor
+
+
+def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(make_config, instagram_jpegs,
+                                                                                tmp_path):
+    """decode.gpu forced on the CPU: torchvision's decoder stands in for nvjpeg, beside a worker."""
+    cfg = make_config(tmp_path / "data", decode={"workers": 1, "gpu": True}, embed={"batch_size": 2})
+    encoder = _tiny_encoder(cfg, "fp32")
+    _as_downloaded(cfg, instagram_jpegs)
+    result = embed(cfg.data_dir, "parity", cfg, encoder)
+    split = result.details["decode_split"]
+    assert split["workers_ips"] and split["device_decode_ips"]  # both decoders took images
+    vectors = _stored_vectors(cfg, encoder)
+    assert len(vectors) == len(instagram_jpegs)
+    cosines = [float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(instagram_jpegs)]
+    assert min(cosines) >= 0.999, cosines

@@ -1,0 +1,87 @@
+"""The loader: uint8 crops from the workers, and the split of JPEGs between workers and the device."""
+
+import time
+
+import pytest
+import torch
+from torchvision import transforms as T
+
+from pipeline import demo, images, loader
+from pipeline.models import clip, pick_device
+
+
+@pytest.fixture(scope="module")
+def preprocess(make_config, tmp_path_factory):
+    return clip.from_config(make_config(tmp_path_factory.mktemp("data")).models).preprocess
+
+
+@pytest.fixture(scope="module")
+def sample_paths():
+    return sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
+
+
+def test_workers_hand_over_uint8_crops_that_finish_into_open_clips_tensor(preprocess, sample_paths):
+    files = loader.ImageFiles(sample_paths, preprocess, 89_478_485, min_side=None)
+    for i, path in enumerate(sample_paths[:4]):
+        crop = files.decode(i)
+        assert crop.dtype == torch.uint8  # a quarter of the bytes of float32 between processes
+        assert torch.equal(files.finish(crop[None])[0], preprocess(images.load_rgb(path)))
+
+
+def test_a_transform_that_cannot_be_split_runs_whole_in_the_workers(preprocess, sample_paths):
+    custom = T.Compose([*preprocess.transforms[:2], T.Lambda(lambda img: img.rotate(90)),
+                        *preprocess.transforms[2:]])
+    assert loader.Transform.of(custom) is None
+    split = loader.Split(None, workers=0)
+    files = loader.ImageFiles(sample_paths, custom, 89_478_485, split)
+    assert files.split is None  # the device decoder could not mirror the rotation
+    out = files[0][1]
+    assert out.dtype == torch.float32 and torch.equal(out, custom(images.load_rgb(sample_paths[0])))
+
+
+@pytest.mark.parametrize("worker_s, workers, device_s, main_s", [
+    (0.010, 4, 0.002, 0.0005), (0.010, 1, 0.001, 0.0), (0.008, 8, 0.004, 0.0003)])
+def test_balance_makes_both_sides_take_equally_long(worker_s, workers, device_s, main_s):
+    share = loader.balance(worker_s, workers, device_s, main_s)
+    assert 0 < share < 1
+    workers_side = (1 - share) * worker_s / workers
+    main_side = share * device_s + main_s
+    assert workers_side == pytest.approx(main_side)
+    # slower workers or a faster device decoder: the device takes more
+    assert loader.balance(2 * worker_s, workers, device_s, main_s) > share
+    assert loader.balance(worker_s, workers, device_s / 2, main_s) > share
+
+
+def test_balance_gives_the_workers_everything_when_the_model_is_the_bottleneck():
+    assert loader.balance(0.010, 4, 0.001, main_s=0.003) == 0.0  # the workers alone take 0.0025 s/img
+
+
+def test_a_busy_main_process_moves_the_decoding_to_the_workers(preprocess, sample_paths):
+    """Real worker processes read the share the main process sets while the run goes."""
+    settings = loader.LoaderSettings(batch_size=2, workers=1, gpu_decode=True)  # torchvision's decoder, CPU
+    files = loader.dataset(sample_paths * 3, preprocess, settings)
+    split = files.split
+    assert split.share == 0.5
+    batches, counts = [], [0]  # counts: images decoded on the device, as the split saw them so far
+    for indices, batch, failures in loader.batches(files, settings, pick_device("cpu")):
+        assert not failures and batch.shape[0] == len(indices)
+        batches.append(indices)
+        counts.append(split.decoded["device"])  # up to the batch before this one
+        time.sleep(0.3)  # a slow model: the main process should not decode too
+    counts.append(split.decoded["device"])
+    on_device = [b - a for a, b in zip(counts[1:], counts[2:])]
+    assert len(batches) == 3 * len(sample_paths) // 2
+    assert split.share == loader.Split.BOUNDS[0]
+    assert sum(on_device[:2]) > 0  # it started at half and half
+    # past the batches the worker had queued, only the floor's images (2 %, to keep measuring) go there
+    late = [i for indices in batches[-20:] for i in indices]
+    assert sum(on_device[-20:]) == sum(split.on_device(i) for i in late) <= 1
+
+
+def test_a_fixed_share_stays_put(preprocess, sample_paths):
+    settings = loader.LoaderSettings(batch_size=4, workers=1, gpu_decode=True, gpu_share=1.0)
+    files = loader.dataset(sample_paths, preprocess, settings)
+    for _ in loader.batches(files, settings, pick_device("cpu")):
+        time.sleep(0.1)
+    assert files.split.share == 1.0
+    assert files.split.decoded == {"worker": 0, "device": len(sample_paths)}
