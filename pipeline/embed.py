@@ -16,8 +16,10 @@ def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | No
     """Embed the account's downloaded images not yet embedded by the configured model."""
     encoder = encoder or clip.from_config(cfg.models)
 
-    def rows(batch: torch.Tensor) -> list[dict[str, Any]]:
-        return [{"embedding": vector.tolist()} for vector in encoder.encode_images(batch)]
+    def rows(batch: torch.Tensor) -> inference.Deferred:
+        vectors = encoder.start_encoding(batch)  # runs while the loop fetches the next batch
+        # numpy rows go to Arrow as they are: .tolist() costs more than the Parquet write
+        return lambda: [{"embedding": vector} for vector in vectors()]
 
     return inference.run(
         data_dir, "embed", account, tables.EMBEDDINGS, encoder.id, encoder.preprocess, rows,

@@ -23,19 +23,23 @@ from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.inference")
 
+Rows = list[dict[str, Any]]
+Deferred = Callable[[], Rows]  # rows still being computed on the device: calling waits for them
+
+
 class HalveOnOOM:
     """Call `fn` on the batch in chunks, halving the chunk size whenever CUDA runs out of memory."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], list], limit: int):
+    def __init__(self, fn: Callable[[torch.Tensor], Rows | Deferred], limit: int):
         self.fn, self.limit = fn, limit
 
-    def __call__(self, batch: torch.Tensor) -> list:
-        out: list = []
+    def __call__(self, batch: torch.Tensor) -> Deferred:
+        parts: list[Rows | Deferred] = []
         start = 0
         while start < len(batch):
             chunk = batch[start:start + self.limit]
             try:
-                out.extend(self.fn(chunk))
+                parts.append(self.fn(chunk))
             except torch.cuda.OutOfMemoryError:
                 if self.limit == 1:
                     raise
@@ -44,7 +48,7 @@ class HalveOnOOM:
                 log.warning("CUDA out of memory: batch size lowered to %d", self.limit)
                 continue
             start += len(chunk)
-        return out
+        return lambda: [row for part in parts for row in (part() if callable(part) else part)]
 
 
 def pending(data_dir: Path, table: tables.Table, model_id: str, account: str) -> list[tuple[str, str]]:
@@ -65,7 +69,7 @@ def run(
     table: tables.Table,
     model_id: str,
     preprocess: Callable,
-    model_fn: Callable[[torch.Tensor], list[dict[str, Any]]],
+    model_fn: Callable[[torch.Tensor], Rows | Deferred],
     *,
     device: torch.device,
     settings: loader.LoaderSettings,
@@ -74,7 +78,9 @@ def run(
 ) -> StageResult:
     """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows.
 
-    `model_fn` maps a batch on `device` to one row (without sha256) per image.
+    `model_fn` maps a batch on `device` to one row (without sha256) per image, or to a
+    function returning them once the device is done: the rows are then collected only
+    after the next batch is launched, so the device always has the next batch queued.
     An image that fails to decode is written as `failed_row(error)` when given,
     else logged and left pending.
     """
@@ -89,12 +95,19 @@ def run(
         storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
         dataset = loader.dataset([data_dir / p for _, p in todo], preprocess, settings)
         call = HalveOnOOM(model_fn, settings.batch_size)
-        rows: list[dict[str, Any]] = []
+        rows: Rows = []
+        in_flight: tuple[list[int], Deferred] | None = None
+
+        def land(indices: list[int], collect: Deferred) -> None:
+            rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, collect()))
+            result.done += len(indices)
+
         with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
             for indices, batch, failures in loader.batches(dataset, settings, device):
-                if batch is not None:
-                    rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, call(batch)))
-                    result.done += len(indices)
+                launched = (indices, call(batch)) if batch is not None else None
+                if in_flight is not None:
+                    land(*in_flight)  # the batch before: done, or finishing while this one is queued
+                in_flight = launched
                 for i, error in failures:
                     log.warning("%s %s: %s", stage, shas[i], error)
                     result.failed += 1
@@ -103,7 +116,9 @@ def run(
                 bar.update(len(indices) + len(failures))
                 if len(rows) >= part_rows:
                     tables.write_part(data_dir, table, model_id, rows)
-                    rows = []
+                    rows.clear()
+            if in_flight is not None:
+                land(*in_flight)
         tables.write_part(data_dir, table, model_id, rows)
         if dataset.split is not None:
             result.details["decode_split"] = dataset.split.summary()

@@ -82,3 +82,16 @@ def ingested_sample(prefect_harness, make_config, sample_site, tmp_path_factory)
     cfg = make_config(tmp_path_factory.mktemp("data-shared"))
     ingest_account(demo.ACCOUNT, cfg.as_dict(), str(recorded))
     return cfg
+
+
+@pytest.fixture(scope="session")
+def as_downloaded():
+    """Write media rows for image files as the download stage leaves them (sha256 = their index)."""
+    from pipeline import tables
+
+    def write(cfg, paths, account):
+        tables.write_part(cfg.data_dir, tables.MEDIA, account, [
+            {"media_id": f"{account}_{p.stem}", "shortcode": p.stem, "position": 0, "status": "done",
+             "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
+
+    return write

@@ -4,7 +4,8 @@ The process kills itself (SIGKILL: no cleanup, no atexit, like the OOM killer
 or a lost machine) the Nth time it reaches POINT:
 
   download  a file is fetched but not yet moved into the media store
-  embed     an embedding batch is about to run (earlier batches' parts written)
+  embed     an embedding batch is about to be launched (the batch before it still in flight,
+            those before that written)
   parquet   an embeddings part is fully written to its temp file, not yet renamed
   catalog   the new catalog.duckdb is half built (views and documents, no FTS index)
 """
@@ -45,7 +46,7 @@ def main() -> int:
     if point == "download":
         kill_on(download, "_store", nth)
     elif point == "embed":
-        kill_on(clip.ClipEncoder, "encode_images", nth)
+        kill_on(clip.ClipEncoder, "start_encoding", nth)
     elif point == "parquet":
         kill_on(pq, "write_table", nth, finish_first=True,
                 matches=lambda table, where, **kw: "/embeddings/" in getattr(where, "name", ""))

@@ -22,16 +22,16 @@ def analysed(ingested_sample, capsys_module=None):
     """Labels, clusters and duplicates written once, with image encoding forbidden throughout."""
     cfg = ingested_sample
     encoder = clip.from_config(cfg.models)
-    original = encoder.encode_images
+    original = encoder.start_encoding  # encode_images goes through it too
 
     def refuse(*_):
         raise AssertionError("analysis must read stored embeddings, not re-encode images")
-    encoder.encode_images = refuse
+    encoder.start_encoding = refuse
     try:
         for argv in (["labels", "run"], ["clusters", "-k", "auto"], ["duplicates"]):
             assert _run(cfg, *argv) == 0
     finally:
-        encoder.encode_images = original
+        encoder.start_encoding = original
     return cfg
 
 

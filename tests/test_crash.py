@@ -73,12 +73,13 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(
 
     _kill_at("embed", 3, cfg, recorded)
     _readers_see_whole_files(data)
-    assert con().execute(f"SELECT count(*) FROM ({emb()})").fetchone() == (16,)  # two batches kept
+    # the first batch landed; the second was still in flight (one stays queued on the device)
+    assert con().execute(f"SELECT count(*) FROM ({emb()})").fetchone() == (8,)
 
     _kill_at("parquet", 2, cfg, recorded)
     _readers_see_whole_files(data)
     assert list((tables.EMBEDDINGS.dir(data)).rglob(".part-*.tmp"))  # the torn write stayed hidden
-    assert con().execute(f"SELECT count(*) FROM ({emb()})").fetchone() == (24,)
+    assert con().execute(f"SELECT count(*) FROM ({emb()})").fetchone() == (16,)  # one more part
 
     _kill_at("catalog", 1, cfg, recorded)
     _readers_see_whole_files(data)

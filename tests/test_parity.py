@@ -15,13 +15,6 @@ from pipeline.embed import embed
 from pipeline.models import clip, pick_device
 
 
-def _as_downloaded(cfg, paths):
-    """Media rows for `paths` (sha256 = index), as the download stage leaves them."""
-    tables.write_part(cfg.data_dir, tables.MEDIA, "parity", [
-        {"media_id": p.stem, "shortcode": p.stem, "position": 0, "status": "done",
-         "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
-
-
 def _tiny_encoder(cfg, precision):
     return clip.ClipEncoder(clip.resolve.resolve("tiny", default="", tiny_arch=clip.tiny.TINY_CLIP,
                                                  cache_dir=clip.model_cache_dir(cfg.models.cache_dir)),
@@ -29,11 +22,11 @@ def _tiny_encoder(cfg, precision):
 
 
 @pytest.fixture(scope="module")
-def stored(make_config, tmp_path_factory):
+def stored(make_config, as_downloaded, tmp_path_factory):
     """The sample's images in a data dir, as if downloaded, embedded by the stage."""
     cfg = make_config(tmp_path_factory.mktemp("data"), decode={"workers": 1}, embed={"batch_size": 5})
     paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
-    _as_downloaded(cfg, paths)
+    as_downloaded(cfg, paths, "parity")
     return cfg, paths
 
 
@@ -99,14 +92,15 @@ def test_gpu_preprocessing_mirrors_open_clips_transform(stored):
     assert np.min(np.sum(ours * ref, axis=1)) >= 0.999
 
 
-def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, instagram_jpegs, tmp_path):
+def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, as_downloaded, instagram_jpegs,
+                                                                tmp_path):
     """The default config decodes 1080 px JPEGs at a smaller libjpeg scale; embeddings stay put."""
     cfg = make_config(tmp_path / "data", decode={"workers": 1}, embed={"batch_size": 4})
     encoder = _tiny_encoder(cfg, "fp32")
     side = loader.draft_side(encoder.preprocess, cfg.decode.draft_factor)
     assert side is not None  # else this compares full decodes: not the point
     assert all(images.load_rgb(p, min_side=side).width < 1080 for p in instagram_jpegs)
-    _as_downloaded(cfg, instagram_jpegs)
+    as_downloaded(cfg, instagram_jpegs, "parity")
     embed(cfg.data_dir, "parity", cfg, encoder)
     vectors = _stored_vectors(cfg, encoder)
     assert len(vectors) == len(instagram_jpegs)
@@ -115,12 +109,12 @@ def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, ins
 
 
 @pytest.mark.parametrize("factor", [None, 0.0])  # None: the default config's
-def test_the_embed_stage_decodes_jpegs_at_the_draft_scale(make_config, instagram_jpegs, tmp_path,
+def test_the_embed_stage_decodes_jpegs_at_the_draft_scale(make_config, as_downloaded, instagram_jpegs, tmp_path,
                                                           monkeypatch, factor):
     decode = {"workers": 0} | ({} if factor is None else {"draft_factor": factor})
     cfg = make_config(tmp_path / "data", decode=decode)  # in-process: the spy sees every decode
     encoder = clip.from_config(cfg.models)
-    _as_downloaded(cfg, instagram_jpegs[:2])
+    as_downloaded(cfg, instagram_jpegs[:2], "parity")
     sizes, load_rgb = [], images.load_rgb
 
     def spy(*args, **kwargs):
@@ -151,12 +145,12 @@ def test_draft_side_follows_the_models_resize(stored):
     assert settings.draft_factor == cfg.decode.draft_factor
 
 
-def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(make_config, instagram_jpegs,
-                                                                                tmp_path):
+def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(make_config, as_downloaded,
+                                                                                instagram_jpegs, tmp_path):
     """decode.gpu forced on the CPU: torchvision's decoder stands in for nvjpeg, beside a worker."""
     cfg = make_config(tmp_path / "data", decode={"workers": 1, "gpu": True}, embed={"batch_size": 2})
     encoder = _tiny_encoder(cfg, "fp32")
-    _as_downloaded(cfg, instagram_jpegs)
+    as_downloaded(cfg, instagram_jpegs, "parity")
     result = embed(cfg.data_dir, "parity", cfg, encoder)
     split = result.details["decode_split"]
     assert split["workers_ips"] and split["device_decode_ips"]  # both decoders took images

@@ -7,13 +7,11 @@ from pipeline.embed import embed
 from pipeline.models import clip
 
 
-def test_concurrent_accounts_sharing_images_embed_each_once(make_config, tmp_path, monkeypatch):
+def test_concurrent_accounts_sharing_images_embed_each_once(make_config, as_downloaded, tmp_path, monkeypatch):
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
     paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:8]
     for account in ("first", "second"):  # the same pictures, reposted by two accounts
-        tables.write_part(cfg.data_dir, tables.MEDIA, account, [
-            {"media_id": f"{account}_{p.stem}", "shortcode": p.stem, "position": 0, "status": "done",
-             "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
+        as_downloaded(cfg, paths, account)
 
     # both runs reach their to-do lists before either writes, unless the lock keeps one out
     both_listed = threading.Barrier(2)

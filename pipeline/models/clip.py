@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,14 +27,35 @@ class ClipEncoder:
         self.dim = int(self.encode_text([""]).shape[1])
 
     @torch.inference_mode()
-    def encode_images(self, batch: torch.Tensor) -> np.ndarray:
-        """(N, 3, H, W) preprocessed images → (N, d) unit vectors, as float32."""
+    def start_encoding(self, batch: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Launch the image encoder on (N, 3, H, W) preprocessed images; the returned function
+        waits for their (N, d) unit vectors, as float32.
+
+        On CUDA the copy back to the host is queued behind the model, so the caller
+        can prepare the next batch while this one runs (the GPU is never left idle).
+        """
         batch = batch.to(self.device, non_blocking=True)
         if self._channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             features = self._encode_image(batch)
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
+        vectors = F.normalize(features.float(), dim=-1)
+        if vectors.device.type != "cuda":
+            ready = vectors.cpu().numpy()
+            return lambda: ready
+        host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+        host.copy_(vectors, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> np.ndarray:
+            copied.synchronize()
+            return host.numpy()
+        return wait
+
+    def encode_images(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) preprocessed images → (N, d) unit vectors, as float32."""
+        return self.start_encoding(batch)()
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
