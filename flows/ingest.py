@@ -76,7 +76,8 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
     or a folder of images or a URL list file (`source`) under the name `account`.
 
     `stages_to_run` (default: all) reruns a subset; `retry_failed` puts failed
-    downloads back in the queue first.
+    downloads back in the queue first, and has the caption stage take up the images
+    whose captioning failed.
     """
     settings = settings or load_config().as_dict()
     cfg = _config(settings)
@@ -87,6 +88,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
         ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
+            settings = rerun.retrying_captions(settings)
         with cluster.stage_runner(cfg) as run:
             return _run_stages(run, cfg, settings, run_id, account, todo, recorded, source)
 

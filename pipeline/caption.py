@@ -21,4 +21,5 @@ def caption(data_dir: Path, account: str, cfg: Any) -> StageResult:
     return inference.run(
         data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess, rows,
         device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
-        part_rows=cfg.embed.part_rows, failed_row=lambda error: {"caption": None, "error": error})
+        part_rows=cfg.embed.part_rows, failed_row=lambda error: {"caption": None, "error": error},
+        retry_failed=cfg.caption.retry_failed)

@@ -51,14 +51,17 @@ class HalveOnOOM:
         return lambda: [row for part in parts for row in (part() if callable(part) else part)]
 
 
-def pending(data_dir: Path, table: tables.Table, model_id: str, account: str) -> list[tuple[str, str]]:
-    """(sha256, path) of the account's downloaded images missing from `table`'s model partition."""
+def pending(data_dir: Path, table: tables.Table, model_id: str, account: str,
+            retry_failed: bool = False) -> list[tuple[str, str]]:
+    """(sha256, path) of the account's downloaded images missing from `table`'s model partition;
+    with `retry_failed`, also those whose rows there all record an error."""
     con = tables.connect(data_dir)
     done = tables.scan_sql(table, data_dir, str(data_dir), model_id)
+    succeeded = "WHERE error IS NULL" if retry_failed else ""
     return con.execute(
         f"""SELECT sha256, min(path) FROM media
             WHERE account = ? AND status = 'done'
-              AND sha256 NOT IN (SELECT sha256 FROM ({done}))
+              AND sha256 NOT IN (SELECT sha256 FROM ({done}) {succeeded})
             GROUP BY sha256 ORDER BY sha256""", [account]).fetchall()
 
 
@@ -75,6 +78,7 @@ def run(
     settings: loader.LoaderSettings,
     part_rows: int,
     failed_row: Callable[[str], dict[str, Any]] | None = None,
+    retry_failed: bool = False,
 ) -> StageResult:
     """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows.
 
@@ -82,12 +86,12 @@ def run(
     function returning them once the device is done: the rows are then collected only
     after the next batch is launched, so the device always has the next batch queued.
     An image that fails to decode is written as `failed_row(error)` when given,
-    else logged and left pending.
+    else logged and left pending; `retry_failed` takes those failed rows up again.
     """
     # embeddings and captions are keyed by content and shared by accounts: one writer per
     # model partition, so two accounts that share an image never both find it pending
     with partition_lock(data_dir, table.name, model_id):
-        todo = pending(data_dir, table, model_id, account)
+        todo = pending(data_dir, table, model_id, account, retry_failed and failed_row is not None)
         result = StageResult(stage, account, note=model_id)
         if not todo:
             return result.log()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline import tables
 from pipeline.stages import STAGES
@@ -46,6 +47,13 @@ def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
             return []
     check_stages([stage])
     return [stage] if only else list(STAGES[STAGES.index(stage):])
+
+
+def retrying_captions(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`settings` with [caption] retry_failed on: captions are rows, not a queue, so the
+    stage itself takes up the images whose rows record an error. A changed setting also
+    changes the stage's input fingerprint: the ledger does not skip it."""
+    return {**settings, "caption": {**settings["caption"], "retry_failed": True}}
 
 
 def requeue_failed(data_dir: Path, account: str) -> int:

@@ -56,7 +56,8 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
     """
     con = tables.connect(data_dir)
     emb = tables.scan_sql(tables.EMBEDDINGS, data_dir, str(data_dir), clip_id or "none")
-    cap = tables.scan_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
+    # the newest row per image: a caption retried after a failure counts as done
+    cap = tables.latest_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
     rows = [dict(zip((*STATUS_COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
         emb AS (SELECT DISTINCT sha256 FROM ({emb})),

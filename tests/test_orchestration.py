@@ -246,3 +246,31 @@ def test_rerun_of_an_unknown_account_says_to_ingest_it_first(make_config, tmp_pa
     cfg = make_config(tmp_path / "data")
     assert main(["rerun", "--account", "nobody", *_fetch_args(cfg)]) == 2
     assert "clipgram ingest nobody" in capsys.readouterr().err
+
+
+def test_retry_failed_captions_again_the_images_whose_captioning_failed(
+        prefect_harness, make_config, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path in sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:3]:
+        shutil.copy(path, folder / path.name)
+    cfg = make_config(tmp_path / "data")
+    ingest_account(A, cfg.as_dict(), source=str(folder), stages_to_run=["scrape", "download"])
+    con = tables.connect(cfg.data_dir)
+    stored = cfg.data_dir / con.execute("SELECT min(path) FROM media WHERE status = 'done'").fetchone()[0]
+    good = stored.read_bytes()
+    stored.write_bytes(good[:len(good) // 3])  # torn on disk after it was verified
+    ingest_account(A, cfg.as_dict(), stages_to_run=["embed", "caption", "publish"])
+    status = _status(cfg)
+    assert status["caption"]["failed"] == 1 and status["caption"]["done"] == 2
+    assert status["embed"]["pending"] == 1  # embed records nothing for it: it stays pending
+
+    stored.write_bytes(good)  # e.g. the disk restored from a backup
+    capsys.readouterr()
+    assert main(["rerun", "--account", A, "--retry-failed", *_cli_base(cfg)]) == 0
+    status = _status(cfg)
+    assert status["caption"]["failed"] == 0 and status["caption"]["done"] == 3
+    assert status["embed"]["done"] == 3
+    cat = catalog.connect(cfg.data_dir)
+    assert cat.execute("SELECT count(*), count(DISTINCT sha256), count(generated_caption) "
+                       "FROM images").fetchone() == (3, 3, 3)
