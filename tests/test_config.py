@@ -53,9 +53,20 @@ def test_auto_keys_take_auto_or_their_type(environ, expected):
     assert load_config(environ=environ).embed.batch_size == expected
 
 
+@pytest.mark.parametrize("value, expected", [("auto", None), ("0.25", 0.25), ("1", 1.0)])
+def test_the_gpu_share_reaches_the_loader(value, expected):
+    from pipeline import loader
+    from pipeline.models import pick_device
+
+    cfg = load_config(environ={"CLIPGRAM_DECODE_GPU_SHARE": value})
+    assert loader.loader_settings(cfg, "embed", pick_device("cpu")).gpu_share == expected
+
+
 @pytest.mark.parametrize("environ, message", [
     ({"CLIPGRAM_EMBED_BATCH_SIZE": "0"}, "embed.batch_size"),
     ({"CLIPGRAM_DECODE_GPU": "maybe"}, "decode.gpu: expected bool"),
+    ({"CLIPGRAM_DECODE_GPU_SHARE": "1.5"}, "decode.gpu_share: expected \"auto\" or a share from 0 to 1"),
+    ({"CLIPGRAM_DECODE_GPU_SHARE": "most"}, "decode.gpu_share: expected float"),
     ({"CLIPGRAM_MODELS_PRECISION": "fp8"}, "models.precision: expected one of"),
 ])
 def test_auto_keys_and_choices_refuse_other_values(environ, message):
