@@ -156,7 +156,7 @@ def bench_decode(files: list[Path], preprocess: Callable, settings: loader.Loade
             ips, split = _decode_ips(files, preprocess, way, device)
             if ips > best[name]:
                 best[name] = ips
-                split_summary = split.summary() if name == "split" else split_summary
+                split_summary = split.summary() if name == "split" and split else split_summary
     return {"decode_ips": {"nvjpeg": None, "split": None, **best},
             "draft_min_side": loader.draft_side(preprocess, settings.draft_factor),
             "draft_speedup": best["cpu_draft"] / best["cpu_full"], "decode_split": split_summary}

@@ -65,6 +65,15 @@ def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
         return ImageInfo(img.format or "unknown", img.width, img.height)
 
 
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag of the image at `path` (1: as stored); reads the header only."""
+    try:
+        with Image.open(path) as img:
+            return int(img.getexif().get(0x0112, 1))
+    except (OSError, SyntaxError, ValueError):
+        return 1  # unreadable headers fail where the image is decoded, with the reason
+
+
 def load_rgb(path: Path, max_pixels: int = 89_478_485, min_side: int | None = None) -> Image.Image:
     """Decode to an RGB image the way a model should see it.
 

@@ -103,7 +103,7 @@ def run(
         in_flight: tuple[list[int], Deferred] | None = None
 
         def land(indices: list[int], collect: Deferred) -> None:
-            rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, collect()))
+            rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, collect(), strict=True))
             result.done += len(indices)
 
         with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:

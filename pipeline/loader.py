@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ def draft_side(preprocess: Callable, factor: float) -> int | None:
     return math.ceil(factor * target)
 
 
+_NORMALIZE_STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std, device) → tensors
+
+
 @dataclass(frozen=True)
 class Transform:
     """open_clip's preprocess in two halves: the geometry (Resize, CenterCrop), which runs
@@ -136,8 +140,18 @@ class Transform:
         return torch.stack(out)
 
     def finish(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 crops → the float tensor open_clip's transform gives (ToTensor, Normalize)."""
-        return self.normalize(crops.float().div_(255))
+        """uint8 crops → the float tensor open_clip's transform gives (ToTensor, Normalize).
+
+        The same operations as T.Normalize, with its mean and std kept on the device:
+        T.Normalize copies them there from Python lists on every call, and checks std
+        for zeros, each a wait for the device to finish the batch before.
+        """
+        key = (tuple(self.normalize.mean), tuple(self.normalize.std), str(crops.device))
+        if key not in _NORMALIZE_STATS:
+            _NORMALIZE_STATS[key] = tuple(torch.tensor(values, dtype=torch.float32, device=crops.device)
+                                          .view(-1, 1, 1) for values in key[:2])
+        mean, std = _NORMALIZE_STATS[key]
+        return crops.float().div_(255).sub_(mean).div_(std)
 
 
 class Split:
@@ -162,6 +176,7 @@ class Split:
         self.workers = workers
         self._costs: dict[str, list[float]] = {}  # side → [decayed seconds, decayed images]
         self.decoded = {"worker": 0, "device": 0}  # images, over the whole run
+        self._batches = 0
 
     @property
     def share(self) -> float:
@@ -171,9 +186,16 @@ class Split:
         return (index * GOLDEN) % 1.0 < self._value.value
 
     def observe(self, worker: tuple[float, int], device: tuple[float, int], main: tuple[float, int]) -> None:
-        """One batch's (seconds, images) per side; rebalance when every side has been seen."""
+        """One batch's (seconds, images) per side; rebalance when every side has been seen.
+
+        The first batch's costs are left out: they hold one-off start-up (nvjpeg's
+        decoder, cuDNN's algorithm search, torch.compile), not the steady rates.
+        """
         self.decoded["worker"] += worker[1]
         self.decoded["device"] += device[1]
+        self._batches += 1
+        if self._batches == 1:
+            return
         for side, (seconds, count) in (("worker", worker), ("device", device), ("main", main)):
             total = self._costs.setdefault(side, [0.0, 0.0])
             total[0] = total[0] * self.DECAY + seconds
@@ -250,7 +272,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
         start = time.perf_counter()
         try:
-            if self.split and self.paths[i].suffix.lower() in JPEG_SUFFIXES and self.split.on_device(i):
+            if (self.split and self.paths[i].suffix.lower() in JPEG_SUFFIXES and self.split.on_device(i)
+                    and images.exif_orientation(self.paths[i]) == 1):  # nvjpeg does not rotate
                 # verified when downloaded (decompression-bomb guard included)
                 return i, torchvision.io.read_file(str(self.paths[i])), None, 0.0
             return i, self.decode(i), None, time.perf_counter() - start
@@ -353,10 +376,13 @@ def _decode_on_device(dataset: ImageFiles, b: _Batch, device: torch.device, indi
                       failures: list[tuple[int, str]]) -> torch.Tensor | None:
     """The batch's raw JPEGs → uint8 crops on `device`, appending their indices (or failures)."""
     try:
-        decoded = torchvision.io.decode_jpeg(b.jpegs(), mode=torchvision.io.ImageReadMode.RGB,
-                                             device=device, apply_exif_orientation=True)
+        with _decoder_stream(device) as ready:
+            # EXIF orientation: torchvision applies it on the CPU only; such JPEGs never get here
+            decoded = torchvision.io.decode_jpeg(b.jpegs(), mode=torchvision.io.ImageReadMode.RGB,
+                                                 device=device)
+            crops = ready(dataset.transform.crop_decoded(decoded))
         indices.extend(b.raw_idx)
-        return dataset.transform.crop_decoded(decoded)
+        return crops
     except RuntimeError as e:  # one odd JPEG fails the whole batch: retry one by one with Pillow
         log.debug("JPEG batch decode failed (%s); decoding this batch with Pillow", e)
         crops = []
@@ -364,6 +390,35 @@ def _decode_on_device(dataset: ImageFiles, b: _Batch, device: torch.device, indi
             try:
                 crops.append(dataset.decode(i))
                 indices.append(i)
-            except (images.BadImage, OSError) as err:
+            except (images.BadImage, OSError, RuntimeError) as err:
                 failures.append((i, str(err)))
         return torch.stack(crops).to(device) if crops else None
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+@contextmanager
+def _decoder_stream(device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Run the device decode on a stream of its own; yields a function that hands a result
+    over to the model's stream.
+
+    nvjpeg writes on its own stream into memory allocated on the current one. With the
+    previous batch's forward still queued there, memory that forward has yet to read could
+    be handed to nvjpeg. A side stream has its own pool, and waiting for its last batch
+    (short: a decode and a resize) makes everything it freed safe to reuse.
+    """
+    if device.type != "cuda":
+        yield lambda tensor: tensor
+        return
+    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    side.synchronize()
+    model_stream = torch.cuda.current_stream(device)
+
+    def hand_over(tensor: torch.Tensor) -> torch.Tensor:
+        model_stream.wait_stream(side)
+        tensor.record_stream(model_stream)  # freed only once the model's stream is done with it
+        return tensor
+
+    with torch.cuda.stream(side):
+        yield hand_over

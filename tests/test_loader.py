@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from pipeline import demo, images, loader
@@ -85,3 +86,27 @@ def test_a_fixed_share_stays_put(preprocess, sample_paths):
         time.sleep(0.1)
     assert files.split.share == 1.0
     assert files.split.decoded == {"worker": 0, "device": len(sample_paths)}
+
+
+def test_exif_rotated_jpegs_are_decoded_by_the_workers_not_the_device(preprocess, sample_paths, tmp_path):
+    """nvjpeg ignores EXIF orientation: a rotated phone photo must not go there."""
+    rotated = tmp_path / "rotated.jpg"
+    with Image.open(sample_paths[0]) as img:
+        exif = img.getexif()
+        exif[0x0112] = 6  # stored sideways: display rotated 90°
+        img.save(rotated, exif=exif)
+    split = loader.Split(1.0, workers=0)  # every JPEG the device may take
+    files = loader.ImageFiles([sample_paths[1], rotated], preprocess, 89_478_485, split)
+    assert files[0][1].dim() == 1  # plain JPEG: its bytes, for the device
+    crop = files[1][1]
+    assert crop.dim() == 3 and torch.equal(files.finish(crop[None])[0], preprocess(images.load_rgb(rotated)))
+
+
+def test_a_jpeg_the_device_cannot_decode_fails_alone(preprocess, sample_paths, tmp_path):
+    bogus = tmp_path / "bogus.jpg"
+    bogus.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG" * 20)
+    settings = loader.LoaderSettings(batch_size=4, workers=0, gpu_decode=True, gpu_share=1.0)
+    files = loader.dataset([sample_paths[0], bogus, sample_paths[1]], preprocess, settings)
+    [(indices, batch, failures)] = list(loader.batches(files, settings, pick_device("cpu")))
+    assert indices == [0, 2] and batch.shape[0] == 2  # each good image once
+    assert [i for i, _ in failures] == [1]

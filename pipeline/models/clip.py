@@ -46,7 +46,7 @@ class ClipEncoder:
         host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
         host.copy_(vectors, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(vectors.device))  # models.device may be cuda:1
 
         def wait() -> np.ndarray:
             copied.synchronize()
