@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -65,10 +66,10 @@ def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
         return ImageInfo(img.format or "unknown", img.width, img.height)
 
 
-def exif_orientation(path: Path) -> int:
-    """The EXIF orientation tag of the image at `path` (1: as stored); reads the header only."""
+def exif_orientation(source: Path | BinaryIO) -> int:
+    """The EXIF orientation tag of an image file or its bytes (1: as stored); reads the header only."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return int(img.getexif().get(0x0112, 1))
     except (OSError, SyntaxError, ValueError):
         return 1  # unreadable headers fail where the image is decoded, with the reason

@@ -19,6 +19,7 @@ Both halves hand over uint8 crops and normalisation happens on the device: a
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import multiprocessing
@@ -169,9 +170,8 @@ class Split:
     def __init__(self, share: float | None, workers: int,
                  context: multiprocessing.context.BaseContext | None = None):
         self.balanced = share is None and workers > 0  # no workers: nothing to balance against
-        initial = 0.5 if share is None else share
-        if share is None and workers == 0:
-            initial = 1.0  # the main process decodes everything anyway: the device is faster
+        # with no workers the main process decodes everything anyway: the device decoder is faster
+        initial = share if share is not None else 0.5 if workers else 1.0
         self._value = (context or multiprocessing).RawValue("d", initial)
         self.workers = workers
         self._costs: dict[str, list[float]] = {}  # side → [decayed seconds, decayed images]
@@ -272,10 +272,11 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
         start = time.perf_counter()
         try:
-            if (self.split and self.paths[i].suffix.lower() in JPEG_SUFFIXES and self.split.on_device(i)
-                    and images.exif_orientation(self.paths[i]) == 1):  # nvjpeg does not rotate
+            if self.split and self.paths[i].suffix.lower() in JPEG_SUFFIXES and self.split.on_device(i):
                 # verified when downloaded (decompression-bomb guard included)
-                return i, torchvision.io.read_file(str(self.paths[i])), None, 0.0
+                data = torchvision.io.read_file(str(self.paths[i]))
+                if images.exif_orientation(io.BytesIO(data.numpy())) == 1:  # nvjpeg does not rotate
+                    return i, data, None, 0.0
             return i, self.decode(i), None, time.perf_counter() - start
         except (images.BadImage, OSError, RuntimeError) as e:
             return i, None, str(e), time.perf_counter() - start

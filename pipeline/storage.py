@@ -124,9 +124,15 @@ def upload(tmp: Path, final: Path) -> None:
         _call("cannot write to", remote, remote.fs.put_file, str(tmp), remote.key(rel))
 
 
+def temp_path(final: Path) -> Path:
+    """Where to write `final` before renaming it into place: hidden and not `final`'s suffix,
+    so no reader's glob sees it half-written (tables.remove_stale_temp_files finds leftovers)."""
+    return final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace the small file `path` with `text` atomically, in the store first when there is one."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temp_path(path)
     try:
         tmp.write_text(text)
         upload(tmp, path)
@@ -162,7 +168,7 @@ def _download(remote: Remote, rel: str, final: Path) -> bool:
     False when the store has no such object.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temp_path(final)
     try:
         _call("cannot read", remote, remote.fs.get_file, remote.key(rel), str(tmp))
         os.replace(tmp, final)

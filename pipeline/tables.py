@@ -170,7 +170,7 @@ def write_atomically(arrow: pa.Table, final: Path) -> Path:
 
     The temp name is hidden and not *.parquet, so no reader's glob sees a half-written file.
     """
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = storage.temp_path(final)
     try:
         with open(tmp, "wb") as f:
             pq.write_table(arrow, f, compression="zstd")
