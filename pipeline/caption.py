@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,49 @@ from pipeline import inference, loader, tables
 from pipeline.models import captioner
 from pipeline.stages import StageResult
 
+log = logging.getLogger("clipgram.caption")
 
-def caption(data_dir: Path, account: str, cfg: Any) -> StageResult:
-    model = captioner.from_config(cfg.models, cfg.caption)
 
-    def rows(batch: torch.Tensor) -> list[dict[str, Any]]:
+def failed(error: str) -> dict[str, Any]:
+    return {"caption": None, "error": error}
+
+
+def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[str, Any]]:
+    """One row per image; an image whose generation fails gets a row saying why.
+
+    A failed batch is captioned again one image at a time, so one bad image costs only
+    its own caption. If every image fails on its own too, the model (not an image) is
+    at fault: the stage stops with an error and records nothing for the batch.
+    """
+    try:
         return [{"caption": text, "error": None} for text in model.caption(batch)]
+    except torch.cuda.OutOfMemoryError:
+        raise  # not a bad image: inference.HalveOnOOM splits the batch
+    except Exception as e:
+        if len(batch) == 1:
+            raise
+        log.warning("captioning a batch of %d failed (%s: %s); captioning it one image at a time",
+                    len(batch), type(e).__name__, e)
+    rows, errors = [], []
+    for image in batch.split(1):
+        try:
+            rows.extend(caption_rows(model, image))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            errors.append(e)
+            rows.append(failed(f"captioning failed: {type(e).__name__}: {e}"))
+    if len(errors) == len(batch):
+        raise RuntimeError(f"captioning fails for every image of the batch, one by one too: "
+                           f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+    return rows
 
+
+def caption(data_dir: Path, account: str, cfg: Any, model: captioner.Captioner | None = None) -> StageResult:
+    """Caption the account's downloaded images not yet captioned by the configured captioner."""
+    model = model or captioner.from_config(cfg.models, cfg.caption)
     return inference.run(
-        data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess, rows,
+        data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess,
+        lambda batch: caption_rows(model, batch),
         device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
-        part_rows=cfg.embed.part_rows, failed_row=lambda error: {"caption": None, "error": error},
-        retry_failed=cfg.caption.retry_failed)
+        part_rows=cfg.embed.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed)

@@ -46,7 +46,15 @@ AUTO_TYPES: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "models.precision": ("auto", "fp32", "fp16", "bf16"),
     "caption.generation": ("beam_search", "top_p", "top_k"),
+    "caption.decoder": ("cached", "open_clip"),
     "orchestration.task_runner": ("default", "dask"),
+}
+
+# Numbers with bounds: (lowest, highest), inclusive; None: unbounded. open_clip's generate()
+# needs more tokens than its minimum caption length (5).
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "caption.max_length": (6, 77), "caption.num_beams": (1, None), "caption.beam_groups": (1, None),
+    "caption.top_k": (1, None), "caption.top_p": (1e-6, 1.0), "caption.temperature": (1e-6, None),
 }
 
 
@@ -89,6 +97,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if key == "decode.draft_factor" and value != 0 and value < 1:
         # below 1 the model would see an image decoded smaller than its input, then upscaled
         raise ConfigError(f"{key}: expected 0 (off) or at least 1, got {value!r}")
+    low, high = BOUNDS.get(key, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key}: expected a value from {low} to {high or 'any'}, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     return value
@@ -143,4 +154,8 @@ def load_config(
     if overrides:
         _merge(merged, {s: {k: v for k, v in kv.items() if v is not None}
                         for s, kv in overrides.items()}, "command line")
+    caption = merged["caption"]
+    if caption["num_beams"] % caption["beam_groups"]:
+        raise ConfigError(f"caption.beam_groups ({caption['beam_groups']}) must divide "
+                          f"caption.num_beams ({caption['num_beams']})")
     return Config(**{name: SimpleNamespace(**values) for name, values in merged.items()})

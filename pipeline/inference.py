@@ -3,21 +3,26 @@
 Work is keyed by image content: the to-do list is every downloaded sha256 of
 the account minus those already in the model's partition (an anti-join), so
 a rerun does only what is left and a repost is processed once. Images are
-decoded while the model runs (pipeline.loader); batches that do not fit in GPU
-memory are split in half until they do.
+decoded while the model runs (pipeline.loader). With `batch_size = "auto"` on
+CUDA the batch size is found by trying the model on growing batches
+(`largest_batch`); batches that still do not fit in GPU memory are split in
+half until they do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from pipeline import loader, storage, tables
+from pipeline import images, loader, storage, tables
 from pipeline.lock import partition_lock
 from pipeline.stages import StageResult
 
@@ -49,6 +54,80 @@ class HalveOnOOM:
                 continue
             start += len(chunk)
         return lambda: [row for part in parts for row in (part() if callable(part) else part)]
+
+
+def largest_batch(seconds_for: Callable[[int], float | None], start: int, limit: int,
+                  tolerance: float = 0.95) -> int:
+    """The largest batch size, from `start` doubling up to `limit`, that fits and is not slower.
+
+    `seconds_for(n)` runs one batch of n images and returns its seconds, or None when it
+    does not fit. Growth stops at the first size that does not fit or whose images/s
+    falls below `tolerance` × the best so far (past the device's saturation a bigger
+    batch only costs memory). If even `start` does not fit, it is halved until one does.
+    """
+    n = start
+    while (seconds := seconds_for(n)) is None:
+        if n == 1:
+            raise RuntimeError("not even one image fits in the device's memory")
+        n //= 2
+    best, best_ips = n, n / seconds
+    while n == best >= start and n * 2 <= limit:
+        n *= 2
+        seconds = seconds_for(n)
+        if seconds is not None and n / seconds >= tolerance * best_ips:
+            best, best_ips = n, max(best_ips, n / seconds)
+    return best
+
+
+# Most of a device's memory, not all: the loop keeps the next batch queued beside this one
+PROBE_MEMORY_SHARE = 0.8
+_probed: dict[tuple[str, str, str], int] = {}  # (stage, model id, device) → batch size
+
+
+def _probe_batch_size(stage: str, model_id: str, model_fn: Callable[[torch.Tensor], Rows | Deferred],
+                      sample: torch.Tensor, device: torch.device, settings: loader.LoaderSettings) -> int:
+    """`largest_batch` for `model_fn`, timed on copies of one real input (once per process)."""
+    key = (stage, model_id, str(device))
+    if key in _probed:
+        return _probed[key]
+    cuda = device.type == "cuda"
+    budget = PROBE_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory if cuda else None
+
+    def seconds_for(n: int) -> float | None:
+        batch = sample.to(device)[None].expand(n, *sample.shape).contiguous()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        try:
+            out = model_fn(batch)
+            out() if callable(out) else out  # waiting for the rows waits for the device
+        except torch.cuda.OutOfMemoryError:
+            del batch
+            torch.cuda.empty_cache()
+            return None
+        seconds = time.perf_counter() - start
+        if budget is not None and torch.cuda.max_memory_allocated(device) > budget:
+            return None
+        log.debug("%s batch-size probe: %d images in %.3f s", stage, n, seconds)
+        return seconds
+
+    seconds_for(1)  # kernels, autotuning and compilation are not the batch size's cost
+    size = largest_batch(seconds_for, settings.batch_size, settings.probe_batch)
+    log.info("%s: batch size auto → %d (tried %d to %d on %s)", stage, size, settings.batch_size,
+             settings.probe_batch, device)
+    _probed[key] = size
+    return size
+
+
+def _first_input(dataset: loader.ImageFiles, device: torch.device) -> torch.Tensor | None:
+    """The model's input for the first image that decodes, or None when none does."""
+    for i in range(len(dataset)):
+        try:
+            return dataset.finish(dataset.decode(i).to(device)[None])[0]
+        except (images.BadImage, OSError, RuntimeError):
+            continue
+    return None
 
 
 def pending(data_dir: Path, table: tables.Table, model_id: str, account: str,
@@ -86,7 +165,9 @@ def run(
     function returning them once the device is done: the rows are then collected only
     after the next batch is launched, so the device always has the next batch queued.
     An image that fails to decode is written as `failed_row(error)` when given,
-    else logged and left pending; `retry_failed` takes those failed rows up again.
+    else logged and left pending; `retry_failed` takes those failed rows up again
+    (rows `model_fn` gives with an error count as failed too). When the stage stops on
+    an error, the rows finished before it are written first.
     """
     # embeddings and captions are keyed by content and shared by accounts: one writer per
     # model partition, so two accounts that share an image never both find it pending
@@ -98,32 +179,49 @@ def run(
         shas = [sha for sha, _ in todo]
         storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
         dataset = loader.dataset([data_dir / p for _, p in todo], preprocess, settings)
+        if settings.probe_batch and len(todo) > 2 * settings.batch_size:  # else its start will do
+            sample = _first_input(dataset, device)
+            if sample is not None:
+                size = _probe_batch_size(stage, model_id, model_fn, sample, device, settings)
+                settings = replace(settings, batch_size=size)
         call = HalveOnOOM(model_fn, settings.batch_size)
         rows: Rows = []
         in_flight: tuple[list[int], Deferred] | None = None
 
         def land(indices: list[int], collect: Deferred) -> None:
-            rows.extend({"sha256": shas[i], **row} for i, row in zip(indices, collect(), strict=True))
-            result.done += len(indices)
+            landed = [{"sha256": shas[i], **row} for i, row in zip(indices, collect(), strict=True)]
+            failed = sum(row.get("error") is not None for row in landed)  # a model's own failures
+            rows.extend(landed)
+            result.done += len(landed) - failed
+            result.failed += failed
 
-        with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
-            for indices, batch, failures in loader.batches(dataset, settings, device):
-                launched = (indices, call(batch)) if batch is not None else None
+        try:
+            with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
+                for indices, batch, failures in loader.batches(dataset, settings, device):
+                    launched = (indices, call(batch)) if batch is not None else None
+                    if in_flight is not None:
+                        land(*in_flight)  # the batch before: done, or finishing while this one is queued
+                    in_flight = launched
+                    for i, error in failures:
+                        log.warning("%s %s: %s", stage, shas[i], error)
+                        result.failed += 1
+                        if failed_row is not None:
+                            rows.append({"sha256": shas[i], **failed_row(error)})
+                    bar.update(len(indices) + len(failures))
+                    if len(rows) >= part_rows:
+                        tables.write_part(data_dir, table, model_id, rows)
+                        rows.clear()
                 if in_flight is not None:
-                    land(*in_flight)  # the batch before: done, or finishing while this one is queued
-                in_flight = launched
-                for i, error in failures:
-                    log.warning("%s %s: %s", stage, shas[i], error)
-                    result.failed += 1
-                    if failed_row is not None:
-                        rows.append({"sha256": shas[i], **failed_row(error)})
-                bar.update(len(indices) + len(failures))
-                if len(rows) >= part_rows:
-                    tables.write_part(data_dir, table, model_id, rows)
-                    rows.clear()
+                    land(*in_flight)
+                    in_flight = None
+        except BaseException:
+            # keep what is finished, the batch in flight included, so a rerun does only the rest
             if in_flight is not None:
-                land(*in_flight)
-        tables.write_part(data_dir, table, model_id, rows)
+                with contextlib.suppress(Exception):  # the error being raised says what went wrong
+                    land(*in_flight)
+            raise
+        finally:
+            tables.write_part(data_dir, table, model_id, rows)
         if dataset.split is not None:
             result.details["decode_split"] = dataset.split.summary()
         return result.log()

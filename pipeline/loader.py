@@ -53,14 +53,22 @@ class LoaderSettings:
     max_pixels: int = 89_478_485
     draft_factor: float = 0.0           # 0: JPEGs decoded at full size (see draft_side)
     gpu_share: float | None = None      # the device decoder's share of JPEGs; None: balanced
+    probe_batch: int = 0                # > 0: batch_size is where a search for the best size
+                                        # starts, and this is the largest it may try (auto on CUDA)
+
+
+# `auto` batch sizes: on the CPU a fixed one; on CUDA the probe's (start, largest it tries).
+# Past these sizes a batch gains no speed on any GPU we know, and the workers' prefetched
+# batches (workers × 4 × batch × 150 KB of shared memory) only grow.
+AUTO_BATCH = {"embed": {"cpu": 32, "cuda": (64, 1024)}, "caption": {"cpu": 8, "cuda": (16, 256)}}
 
 
 def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSettings:
     """Resolve the "auto" values of [decode] and [<stage>] batch_size for `device`."""
     gpu = device.type == "cuda"
-    batch = getattr(cfg, stage).batch_size
+    batch, probe = getattr(cfg, stage).batch_size, 0
     if batch == "auto":
-        batch = {"embed": 256, "caption": 64}[stage] if gpu else {"embed": 32, "caption": 8}[stage]
+        batch, probe = AUTO_BATCH[stage]["cuda"] if gpu else (AUTO_BATCH[stage]["cpu"], 0)
     workers = cfg.decode.workers
     if workers == "auto":
         cores = os.cpu_count() or 2
@@ -71,7 +79,7 @@ def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSetting
     gpu_decode = gpu if cfg.decode.gpu == "auto" else bool(cfg.decode.gpu)
     share = None if cfg.decode.gpu_share == "auto" else cfg.decode.gpu_share
     return LoaderSettings(batch, workers, gpu_decode, cfg.download.max_image_pixels,
-                          cfg.decode.draft_factor, share)
+                          cfg.decode.draft_factor, share, probe)
 
 
 def draft_side(preprocess: Callable, factor: float) -> int | None:

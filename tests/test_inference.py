@@ -1,5 +1,10 @@
-"""The model stages' loop: one batch in flight on the device, and the back-off on CUDA OOM."""
+"""The model stages' loop: one batch in flight on the device, the batch-size probe, and the
+back-off on CUDA OOM."""
 
+import time
+from dataclasses import replace
+
+import pytest
 import torch
 
 from pipeline import demo, inference, loader, tables
@@ -48,3 +53,67 @@ def test_out_of_memory_halves_the_batch_until_it_fits_and_keeps_every_row():
     assert sizes[:4] == [10, 8, 4, 2] and call.limit == 2  # then it stays at the size that fit
     assert [r["value"] for r in call(torch.arange(5))()] == list(range(5))
     assert sizes[-3:] == [2, 2, 1]
+
+
+def _timed_like(fits_up_to, seconds_of):
+    """A device stand-in for `largest_batch`: batches above `fits_up_to` do not fit."""
+    tried = []
+
+    def seconds_for(n):
+        tried.append(n)
+        return seconds_of(n) if n <= fits_up_to else None
+    return seconds_for, tried
+
+
+def test_the_batch_size_probe_grows_until_a_batch_does_not_fit():
+    seconds_for, tried = _timed_like(300, lambda n: 0.01 + n / 1000)  # faster per image as it grows
+    assert inference.largest_batch(seconds_for, 64, 1024) == 256
+    assert tried == [64, 128, 256, 512]
+
+
+def test_the_batch_size_probe_stops_where_bigger_batches_are_slower():
+    # saturated from 128 on: the same images/s up to 256, slower past it
+    seconds_for, tried = _timed_like(4096, lambda n: max(n, 128) / 1000 if n <= 256 else n / 700)
+    assert inference.largest_batch(seconds_for, 64, 1024) == 256
+    assert tried == [64, 128, 256, 512]
+
+
+def test_the_batch_size_probe_stops_at_its_limit():
+    seconds_for, tried = _timed_like(4096, lambda n: 0.01 + n / 1000)
+    assert inference.largest_batch(seconds_for, 64, 256) == 256 and tried == [64, 128, 256]
+
+
+def test_the_batch_size_probe_halves_a_start_that_does_not_fit_and_then_stays_below_it():
+    seconds_for, tried = _timed_like(20, lambda n: 0.01 + n / 1000)
+    assert inference.largest_batch(seconds_for, 64, 1024) == 16
+    assert tried == [64, 32, 16]
+    seconds_for, _ = _timed_like(0, lambda n: 1.0)
+    with pytest.raises(RuntimeError, match="not even one image fits"):
+        inference.largest_batch(seconds_for, 4, 16)
+
+
+def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_config, as_downloaded,
+                                                                          tmp_path, monkeypatch):
+    """The probe runs the real model on copies of a stored image; the stage then runs at its size."""
+    monkeypatch.setattr(inference, "_probed", {})
+    cfg = make_config(tmp_path / "data", decode={"workers": 0})
+    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:20]
+    as_downloaded(cfg, paths, "a")
+    encoder = clip.from_config(cfg.models)
+    sizes = []
+
+    def model_fn(batch):
+        sizes.append(len(batch))
+        if len(batch) > 8:  # stands in for CUDA's memory limit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        time.sleep(0.05)  # a fixed cost per batch, as a GPU's launch: bigger batches pay
+        vectors = encoder.start_encoding(batch)
+        return lambda: [{"embedding": v} for v in vectors()]
+
+    settings = replace(loader.loader_settings(cfg, "embed", encoder.device), batch_size=2, probe_batch=64)
+    result = inference.run(cfg.data_dir, "embed", "a", tables.EMBEDDINGS, encoder.id, encoder.preprocess,
+                           model_fn, device=encoder.device, settings=settings, part_rows=100)
+    assert result.done == 20
+    assert sizes[:5] == [1, 2, 4, 8, 16]  # warm-up, then doubling until it does not fit
+    assert sizes[5:] == [8, 8, 4]  # the run: 20 images at the probed size, no out-of-memory
+    assert inference._probed[("embed", encoder.id, "cpu")] == 8

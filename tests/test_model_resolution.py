@@ -1,12 +1,13 @@
 """Model ids resolve honestly: cached weights load by tag, missing ones fail fast and say what to do."""
 
+import json
 import time
 
 import open_clip
 import pytest
 import torch
 
-from pipeline.models import load, resolve
+from pipeline.models import load, resolve, tiny
 
 DEFAULT = "ViT-B-32:laion2b_s34b_b79k"
 REPO = "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
@@ -71,3 +72,43 @@ def test_a_checkpoint_that_does_not_fit_its_architecture_names_both(tmp_path, ti
 def test_bad_ids_are_explained(tmp_path, spec, message):
     with pytest.raises(resolve.WeightsUnavailable, match=message):
         _resolve(spec, tmp_path)
+
+
+def _hub_snapshot(hub, repo, revision, state=None):
+    """A repo in a Hugging Face cache: an open_clip config (the tiny CLIP's), weights if given."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    model_cfg = json.loads((tiny.CONFIG_DIR / f"{tiny.TINY_CLIP}.json").read_text())
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    if state is not None:
+        torch.save(state, snapshot / "open_clip_pytorch_model.bin")
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+
+
+def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_snapshot(tmp_path, monkeypatch,
+                                                                               tiny_clip_ckpt):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = torch.load(tiny_clip_ckpt)
+    first, second = "1" * 40, "2" * 40
+    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", first, state)
+
+    resolved = _resolve("hf-hub:clipgram/tiny", tmp_path)
+    assert resolved.id == f"hf-hub@clipgram.tiny@{first[:12]}"
+    model, _, tokenizer = load(resolved, torch.device("cpu"))
+    assert torch.equal(model.visual.conv1.weight, state["visual.conv1.weight"])  # the cached weights
+    assert tokenizer(["a red circle"]).shape[1] == model.context_length
+
+    # the repo changed on the hub: its new weights get a partition of their own
+    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", second, state)
+    assert _resolve("hf-hub:clipgram/tiny", tmp_path).id == f"hf-hub@clipgram.tiny@{second[:12]}"
+
+
+def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_snapshot(tmp_path / "hub", "clipgram/config-only", "3" * 40)
+    with pytest.raises(resolve.WeightsUnavailable, match="hf-hub:clipgram/config-only.*not cached"):
+        _resolve("hf-hub:clipgram/config-only", tmp_path)

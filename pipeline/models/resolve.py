@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import open_clip
+from open_clip.pretrained import download_pretrained_from_hf
 
 from pipeline.models import tiny
 
@@ -42,7 +43,7 @@ class Resolved:
     """What open_clip needs to build the model, and the id its outputs are stored under."""
 
     id: str                 # partition-safe; identifies weights (and so preprocessing)
-    arch: str               # open_clip model name, or `hf-hub:ORG/REPO`
+    arch: str               # open_clip model name, or `local-dir:` a hub snapshot
     weights: str | None     # a local file; None when open_clip reads the hub cache itself
     preprocess: dict = field(default_factory=dict)  # image_mean/std/... of a pretrained tag
 
@@ -74,7 +75,7 @@ def _unavailable(spec: str, where: str) -> WeightsUnavailable:
     )
 
 
-def _hub_cache_dir() -> str | None:
+def hub_cache_dir() -> str | None:
     # read the environment now: huggingface_hub fixes its default at import time
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -85,7 +86,7 @@ def _from_hub_cache(repo: str, filenames: tuple[str, ...]) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
-        hit = try_to_load_from_cache(repo, name, cache_dir=_hub_cache_dir())
+        hit = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir())
         if isinstance(hit, str):
             return hit
     return None
@@ -107,7 +108,7 @@ def _pretrained_tag(arch: str, tag: str) -> Resolved:
         if path is None:
             if not _reachable(HUB_HOST):
                 raise _unavailable(spec, HUB_HOST)
-            path = open_clip.download_pretrained(cfg, cache_dir=_hub_cache_dir())
+            path = open_clip.download_pretrained(cfg, cache_dir=hub_cache_dir())
     else:
         url = cfg["url"]
         path = str(Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path))
@@ -119,10 +120,18 @@ def _pretrained_tag(arch: str, tag: str) -> Resolved:
 
 
 def _hf_hub(spec: str) -> Resolved:
+    """An open_clip repo on the hub. Its id names the snapshot (the repo's commit): when the
+    repo changes on the hub, its new weights embed into a partition of their own."""
     repo = spec.removeprefix("hf-hub:")
-    if _from_hub_cache(repo, ("open_clip_config.json",)) is None and not _reachable(HUB_HOST):
-        raise _unavailable(spec, HUB_HOST)
-    return Resolved("hf-hub@" + repo.replace("/", "."), spec, None)
+    config = _from_hub_cache(repo, ("open_clip_config.json",))
+    # open_clip builds a hub model with random weights when it finds none: never let it
+    if config is None or _from_hub_cache(repo, WEIGHT_FILES) is None:
+        if not _reachable(HUB_HOST):
+            raise _unavailable(spec, HUB_HOST)
+        config = download_pretrained_from_hf(repo, "open_clip_config.json", cache_dir=hub_cache_dir())
+        download_pretrained_from_hf(repo, cache_dir=hub_cache_dir())
+    snapshot = Path(config).parent  # …/snapshots/<commit>/: config and weights, read from disk
+    return Resolved(f"hf-hub@{repo.replace('/', '.')}@{snapshot.name[:12]}", f"local-dir:{snapshot}", None)
 
 
 def _checkpoint(arch: str, path: Path) -> Resolved:

@@ -1,0 +1,210 @@
+"""CoCa caption generation that feeds each step one token, with cached keys and values.
+
+open_clip's `CoCa.generate()` runs the whole prefix through both text towers at
+every step, and for beam search encodes each image once per beam. Here each image
+is encoded once, its cross-attention keys and values are computed once, and each
+step runs only the newest token of every sequence through the unimodal and the
+multimodal text towers, attending to the keys and values of the tokens before it.
+The arithmetic is open_clip's (the same weights, masks and order of operations),
+so the tokens are too: tests/test_caption.py checks both against `generate()`.
+
+Decoding follows `generate()` as well: the same logits processors (a minimum
+length of 5 tokens, beam scores that sum raw logits), Hugging Face's
+`BeamSearchScorer`, and sampling that applies the temperature after top-k/top-p.
+open_clip's beam search splits `num_beams` into `num_beam_groups` groups that
+never see each other (it passes no diversity penalty), so every group finds the
+same beams: searching one group finds the captions at 1/`num_beam_groups` the cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_LENGTH = 5  # tokens before the end token may come (generate()'s min_seq_len)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `model` is a CoCa built from the blocks this module mirrors."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    text, decoder = getattr(model, "text", None), getattr(model, "text_decoder", None)
+    if text is None or decoder is None or getattr(text, "cls_emb", None) is None:
+        return False
+    blocks = [*text.transformer.resblocks, *decoder.resblocks, *decoder.cross_attn]
+    return (text.attn_mask is not None and text.transformer.batch_first and decoder.batch_first
+            and all(type(b) is ResidualAttentionBlock and b.attn._qkv_same_embed_dim
+                    and b.attn.batch_first for b in blocks))
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, L, D) → (N, heads, L, D / heads)."""
+    n, length, width = x.shape
+    return x.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+def _attend(block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """The rest of a ResidualAttentionBlock once its queries, keys and values are known."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(x.shape)
+    x = x + block.ls_1(block.attn.out_proj(out))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class _SelfAttentionCache:
+    """One block's keys and values so far, in buffers sized for the whole caption."""
+
+    def __init__(self, block: nn.Module, max_length: int):
+        self.block, self.max_length = block, max_length
+        self.k = self.v = None
+
+    def step(self, x: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """`x`: (N, 1, D), the token at `position`; `mask`: keys 0…position it may attend to."""
+        attn = self.block.attn
+        q, k, v = F.linear(self.block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (_heads(t, attn.num_heads) for t in (q, k, v))
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, position], self.v[:, :, position] = k[:, :, 0], v[:, :, 0]
+        end = position + 1
+        return _attend(self.block, x, q, self.k[:, :, :end], self.v[:, :, :end], mask)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+class _CrossAttention:
+    """A cross-attention block with the image's keys and values computed once (beams never
+    move between images, so reordering them leaves these as they are)."""
+
+    def __init__(self, block: nn.Module, image_embs: torch.Tensor, repeats: int):
+        self.block = block
+        attn = block.attn
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+        self.w_q, self.b_q = w_q, b_q
+        kv = block.ln_1_kv(image_embs)
+        self.k, self.v = (_heads(F.linear(kv, w, b), attn.num_heads).repeat_interleave(repeats, 0)
+                          for w, b in ((w_k, b_k), (w_v, b_v)))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        q = _heads(F.linear(self.block.ln_1(x), self.w_q, self.b_q), self.block.attn.num_heads)
+        return _attend(self.block, x, q, self.k, self.v, None)
+
+
+class Sequences:
+    """The text towers of a CoCa over a batch of growing sequences, one token per step."""
+
+    def __init__(self, model: nn.Module, image_embs: torch.Tensor, repeats: int, max_length: int):
+        text, decoder = model.text, model.text_decoder
+        self.text, self.decoder = text, decoder
+        self.text_blocks = [_SelfAttentionCache(b, max_length) for b in text.transformer.resblocks]
+        self.decoder_blocks = [(_SelfAttentionCache(b, max_length), _CrossAttention(c, image_embs, repeats))
+                               for b, c in zip(decoder.resblocks, decoder.cross_attn)]
+        rows = image_embs.shape[0] * repeats
+        # which keys of the unimodal tower may be attended to: open_clip masks pad tokens there
+        # (and, for weights trained with its original mask, shifted by the class token)
+        self.valid = torch.ones(rows, max_length, dtype=torch.bool, device=image_embs.device)
+        self.previous: torch.Tensor | None = None
+        self.position = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` (N,) to the sequences; return the logits for the token after them."""
+        text, t = self.text, self.position
+        pad = tokens == text.pad_id
+        if getattr(text, "correct_cls_mask", False):
+            self.valid[:, t] = ~pad
+        elif self.previous is not None:
+            self.valid[:, t] = self.previous != text.pad_id
+        mask = self.valid[:, None, None, :t + 1]
+        cast = text.transformer.get_cast_dtype()
+        x = text.token_embedding(tokens[:, None]).to(cast) + text.positional_embedding[t].to(cast)
+        for block in self.text_blocks:
+            x = block.step(x, t, mask)
+        for self_attention, cross_attention in self.decoder_blocks:
+            x = cross_attention.step(self_attention.step(x, t, None))  # causal: only past keys exist
+        self.previous, self.position = tokens, t + 1
+        return (self.decoder.ln_final(x) @ self.decoder.text_projection)[:, 0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the sequences at `index` (beam search's choice of which beams go on)."""
+        for block in self.text_blocks:
+            block.reorder(index)
+        for self_attention, _ in self.decoder_blocks:
+            self_attention.reorder(index)
+        self.valid, self.previous = self.valid[index], self.previous[index]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The special tokens generation needs."""
+
+    start: int
+    end: int
+    pad: int
+
+
+def _forbid_early_end(logits: torch.Tensor, length: int, tokens: Tokens) -> torch.Tensor:
+    if length < MIN_LENGTH:
+        logits = logits.clone()
+        logits[:, tokens.end] = float("-inf")
+    return logits
+
+
+def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_beams: int,
+                tokens: Tokens) -> torch.Tensor:
+    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search")."""
+    from transformers import BeamSearchScorer
+
+    batch = images.shape[0]
+    _, image_embs = model._encode_image(images)
+    sequences = Sequences(model, image_embs, num_beams, max_length)
+    ids = torch.full((batch * num_beams, 1), tokens.start, dtype=torch.long, device=images.device)
+    scorer = BeamSearchScorer(batch_size=batch, num_beams=num_beams, device=images.device)
+    scores = torch.full((batch, num_beams), -1e9, device=images.device)
+    scores[:, 0] = 0  # one live beam per image to start with: the others would repeat it
+    scores = scores.view(-1)
+    while True:
+        logits = _forbid_early_end(sequences.step(ids[:, -1]).float(), ids.shape[1], tokens)
+        candidates = (logits + scores[:, None]).view(batch, -1)
+        top_scores, top = torch.topk(candidates, 2 * num_beams, dim=1)
+        vocab = logits.shape[-1]
+        chosen = scorer.process(ids, top_scores, top % vocab, top // vocab,
+                                pad_token_id=tokens.pad, eos_token_id=tokens.end)
+        scores, beam = chosen["next_beam_scores"], chosen["next_beam_indices"]
+        ids = torch.cat([ids[beam], chosen["next_beam_tokens"][:, None]], dim=-1)
+        sequences.reorder(beam)
+        if scorer.is_done or ids.shape[1] >= max_length:
+            break
+    return scorer.finalize(ids, scores, top % vocab, top // vocab, max_length=max_length,
+                           pad_token_id=tokens.pad, eos_token_id=tokens.end)["sequences"]
+
+
+def sample(model: nn.Module, images: torch.Tensor, *, max_length: int, warper: object,
+           temperature: float, tokens: Tokens) -> torch.Tensor:
+    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="top_k"/"top_p")
+    with `warper` (Hugging Face's TopKLogitsWarper or TopPLogitsWarper)."""
+    batch = images.shape[0]
+    _, image_embs = model._encode_image(images)
+    sequences = Sequences(model, image_embs, 1, max_length)
+    out = torch.full((batch, 1), tokens.start, dtype=torch.long, device=images.device)
+    while True:
+        logits = sequences.step(out[:, -1])
+        ended = (out[:, -1] == tokens.end) | (out[:, -1] == tokens.pad)
+        if ended.all():
+            break
+        live = ~ended
+        filtered = warper(out[live], _forbid_early_end(logits[live], out.shape[1], tokens))
+        probs = F.softmax(filtered / temperature, dim=-1)
+        nxt = torch.full((batch, 1), tokens.pad, dtype=torch.long, device=images.device)
+        nxt[live] = tokens.end if out.shape[1] + 1 == max_length else torch.multinomial(probs, 1)
+        out = torch.cat([out, nxt], dim=-1)
+        if out.shape[1] >= max_length:
+            break
+    return out
