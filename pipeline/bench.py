@@ -216,7 +216,8 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
                                         decoding=replace(model.decoding, decoder="open_clip"))
     reference.model.load_state_dict(model.model.state_dict())
     media = tables.connect(data_dir).execute(
-        "SELECT * FROM media WHERE account = 'bench' AND status = 'done' ORDER BY sha256 LIMIT ?",
+        "SELECT DISTINCT ON (sha256) * FROM media WHERE account = 'bench' AND status = 'done' "
+        "ORDER BY sha256 LIMIT ?",
         [count]).arrow().read_all().to_pylist()
     tables.write_part(data_dir, tables.MEDIA, "bench-caption", media)  # its images, nothing more
     batch = torch.stack([model.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])

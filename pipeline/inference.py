@@ -71,10 +71,12 @@ def largest_batch(seconds_for: Callable[[int], float | None], start: int, limit:
             raise RuntimeError("not even one image fits in the device's memory")
         n //= 2
     best, best_ips = n, n / seconds
-    while n == best >= start and n * 2 <= limit:
+    grow = n == start  # a start that had to be halved is already past what fits
+    while grow and n * 2 <= limit:
         n *= 2
         seconds = seconds_for(n)
-        if seconds is not None and n / seconds >= tolerance * best_ips:
+        grow = seconds is not None and n / seconds >= tolerance * best_ips
+        if grow:
             best, best_ips = n, max(best_ips, n / seconds)
     return best
 

@@ -2,6 +2,7 @@
 [caption] decoding settings reach CoCa's generate()."""
 
 import random
+import sys
 
 import pytest
 import torch
@@ -158,3 +159,18 @@ def test_the_cached_decoder_gives_open_clips_tokens(coca, decoding):
         torch.manual_seed(0)
         theirs = reference.generate(images)
     assert torch.equal(ours, theirs)
+
+
+def test_the_cached_decoder_runs_under_autocast_and_mostly_agrees_with_fp32(coca):
+    """bf16 autocast (what CUDA gets) rounds differently: the captions may differ a little, not much."""
+    fp32 = captioner.Captioner(coca, torch.device("cpu"), precision="fp32")
+    bf16 = captioner.Captioner(coca, torch.device("cpu"), precision="bf16")
+    images = _renders(fp32, 32, seed=1)
+    agree = sum(a == b for a, b in zip(fp32.caption(images), bf16.caption(images)))
+    assert agree >= 24
+
+
+def test_captioning_without_transformers_says_to_install_it(coca, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: import fails
+    with pytest.raises(RuntimeError, match="needs `transformers`: pip install"):
+        captioner.Captioner(coca, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Model ids resolve honestly: cached weights load by tag, missing ones fail fast and say what to do."""
 
 import json
+import logging
 import time
 
 import open_clip
@@ -112,3 +113,12 @@ def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tm
     _hub_snapshot(tmp_path / "hub", "clipgram/config-only", "3" * 40)
     with pytest.raises(resolve.WeightsUnavailable, match="hf-hub:clipgram/config-only.*not cached"):
         _resolve("hf-hub:clipgram/config-only", tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_no_gpu_means_the_cpu_and_one_log_line(caplog):
+    from pipeline.models import pick_device
+
+    with caplog.at_level(logging.INFO, logger="clipgram.models"):
+        assert pick_device("auto") == torch.device("cpu")
+    assert [r.getMessage() for r in caplog.records] == ["no GPU found: running models on the CPU"]

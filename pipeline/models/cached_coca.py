@@ -159,27 +159,32 @@ def _forbid_early_end(logits: torch.Tensor, length: int, tokens: Tokens) -> torc
 
 def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_beams: int,
                 tokens: Tokens) -> torch.Tensor:
-    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search")."""
+    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search").
+
+    The scorer's bookkeeping runs on the host, on each step's top candidates: on the device
+    its per-candidate Python loop would wait for the device hundreds of times a step.
+    """
     from transformers import BeamSearchScorer
 
-    batch = images.shape[0]
+    batch, device, host = images.shape[0], images.device, torch.device("cpu")
     _, image_embs = model._encode_image(images)
     sequences = Sequences(model, image_embs, num_beams, max_length)
-    ids = torch.full((batch * num_beams, 1), tokens.start, dtype=torch.long, device=images.device)
-    scorer = BeamSearchScorer(batch_size=batch, num_beams=num_beams, device=images.device)
-    scores = torch.full((batch, num_beams), -1e9, device=images.device)
+    ids = torch.full((batch * num_beams, 1), tokens.start, dtype=torch.long)
+    scorer = BeamSearchScorer(batch_size=batch, num_beams=num_beams, device=host)
+    scores = torch.full((batch, num_beams), -1e9)
     scores[:, 0] = 0  # one live beam per image to start with: the others would repeat it
     scores = scores.view(-1)
     while True:
-        logits = _forbid_early_end(sequences.step(ids[:, -1]).float(), ids.shape[1], tokens)
-        candidates = (logits + scores[:, None]).view(batch, -1)
-        top_scores, top = torch.topk(candidates, 2 * num_beams, dim=1)
+        logits = sequences.step(ids[:, -1].to(device, non_blocking=True)).float()
+        logits = _forbid_early_end(logits, ids.shape[1], tokens)
+        candidates = (logits + scores.to(device, non_blocking=True)[:, None]).view(batch, -1)
+        top_scores, top = (t.to(host) for t in torch.topk(candidates, 2 * num_beams, dim=1))
         vocab = logits.shape[-1]
         chosen = scorer.process(ids, top_scores, top % vocab, top // vocab,
                                 pad_token_id=tokens.pad, eos_token_id=tokens.end)
         scores, beam = chosen["next_beam_scores"], chosen["next_beam_indices"]
         ids = torch.cat([ids[beam], chosen["next_beam_tokens"][:, None]], dim=-1)
-        sequences.reorder(beam)
+        sequences.reorder(beam.to(device, non_blocking=True))
         if scorer.is_done or ids.shape[1] >= max_length:
             break
     return scorer.finalize(ids, scores, top % vocab, top // vocab, max_length=max_length,
