@@ -80,34 +80,39 @@ class _SelfAttentionCache:
 
 
 class _CrossAttention:
-    """A cross-attention block with the image's keys and values computed once (beams never
-    move between images, so reordering them leaves these as they are)."""
+    """A cross-attention block with the image's keys and values computed once.
 
-    def __init__(self, block: nn.Module, image_embs: torch.Tensor, repeats: int):
-        self.block = block
+    The beams of one image are its queries together, against its keys and values, which
+    are never copied per beam (beams never move between images, so reordering them
+    leaves these as they are).
+    """
+
+    def __init__(self, block: nn.Module, image_embs: torch.Tensor, beams: int):
+        self.block, self.beams = block, beams
         attn = block.attn
         w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
         b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
         self.w_q, self.b_q = w_q, b_q
         kv = block.ln_1_kv(image_embs)
-        self.k, self.v = (_heads(F.linear(kv, w, b), attn.num_heads).repeat_interleave(repeats, 0)
-                          for w, b in ((w_k, b_k), (w_v, b_v)))
+        self.k, self.v = (_heads(F.linear(kv, w, b), attn.num_heads) for w, b in ((w_k, b_k), (w_v, b_v)))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        q = _heads(F.linear(self.block.ln_1(x), self.w_q, self.b_q), self.block.attn.num_heads)
+        """`x`: (images × beams, 1, D), each image's beams in a row."""
+        q = F.linear(self.block.ln_1(x), self.w_q, self.b_q)
+        q = _heads(q.view(x.shape[0] // self.beams, self.beams, -1), self.block.attn.num_heads)
         return _attend(self.block, x, q, self.k, self.v, None)
 
 
 class Sequences:
     """The text towers of a CoCa over a batch of growing sequences, one token per step."""
 
-    def __init__(self, model: nn.Module, image_embs: torch.Tensor, repeats: int, max_length: int):
+    def __init__(self, model: nn.Module, image_embs: torch.Tensor, beams: int, max_length: int):
         text, decoder = model.text, model.text_decoder
         self.text, self.decoder = text, decoder
         self.text_blocks = [_SelfAttentionCache(b, max_length) for b in text.transformer.resblocks]
-        self.decoder_blocks = [(_SelfAttentionCache(b, max_length), _CrossAttention(c, image_embs, repeats))
+        self.decoder_blocks = [(_SelfAttentionCache(b, max_length), _CrossAttention(c, image_embs, beams))
                                for b, c in zip(decoder.resblocks, decoder.cross_attn)]
-        rows = image_embs.shape[0] * repeats
+        rows = image_embs.shape[0] * beams
         # which keys of the unimodal tower may be attended to: open_clip masks pad tokens there
         # (and, for weights trained with its original mask, shifted by the class token)
         self.valid = torch.ones(rows, max_length, dtype=torch.bool, device=image_embs.device)
@@ -117,9 +122,8 @@ class Sequences:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (N,) to the sequences; return the logits for the token after them."""
         text, t = self.text, self.position
-        pad = tokens == text.pad_id
         if getattr(text, "correct_cls_mask", False):
-            self.valid[:, t] = ~pad
+            self.valid[:, t] = tokens != text.pad_id
         elif self.previous is not None:
             self.valid[:, t] = self.previous != text.pad_id
         mask = self.valid[:, None, None, :t + 1]
