@@ -230,14 +230,17 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
     open_clip_ips = captions_per_second(reference, batch[:batch_size])  # one batch: it is slow
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "caption": {"batch_size": batch_size},
                                  "decode": {"workers": num_workers}}, environ={})
-    start = time.perf_counter()
-    done = caption(data_dir, "bench-caption", cfg, model).done
-    e2e_ips = done / (time.perf_counter() - start)
+    utilisation: list[float] = []
+    with gpu_utilisation(utilisation):
+        start = time.perf_counter()
+        done = caption(data_dir, "bench-caption", cfg, model).done
+        e2e_ips = done / (time.perf_counter() - start)
     return {"model": f"{arch} (random weights)", "images": done, "batch_size": batch_size,
             "generation": model.decoding.method, "max_length": model.decoding.max_length,
             "model_only_ips": model_only_ips, "e2e_ips": e2e_ips, "ips": e2e_ips,
             "e2e_over_model_only": e2e_ips / model_only_ips, "open_clip_generate_ips": open_clip_ips,
-            "cached_decoder_speedup": model_only_ips / open_clip_ips}
+            "cached_decoder_speedup": model_only_ips / open_clip_ips,
+            "gpu_utilisation_pct": sum(utilisation) / len(utilisation) if utilisation else None}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ back-off on CUDA OOM."""
 import time
 from dataclasses import replace
 
+import open_clip
 import pytest
 import torch
 
@@ -117,3 +118,35 @@ def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_co
     assert sizes[:5] == [1, 2, 4, 8, 16]  # warm-up, then doubling until it does not fit
     assert sizes[5:] == [8, 8, 4]  # the run: 20 images at the probed size, no out-of-memory
     assert inference._probed[("embed", encoder.id, "cpu")] == 8
+
+
+def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_untouched(
+        make_config, as_downloaded, tmp_path):
+    from pipeline.embed import embed
+    from pipeline.models import tiny
+
+    cfg = make_config(tmp_path / "data", decode={"workers": 0})
+    as_downloaded(cfg, sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:6], "a")
+    assert embed(cfg.data_dir, "a", cfg).done == 6
+    stored = tables.EMBEDDINGS.dir(cfg.data_dir)
+    before = {p: p.read_bytes() for p in stored.rglob("*.parquet")}
+
+    # the same architecture with other weights, from a local checkpoint: another model id
+    torch.manual_seed(1)
+    weights = tmp_path / "other.pt"
+    torch.save(open_clip.create_model(tiny.TINY_CLIP).state_dict(), weights)
+    other = make_config(tmp_path / "data", decode={"workers": 0},
+                        models={"clip": f"{tiny.TINY_CLIP}:{weights}"})
+    assert embed(other.data_dir, "a", other).done == 6
+    assert embed(other.data_dir, "a", other).done == 0  # and only once
+    ids = [clip.from_config(c.models).id for c in (cfg, other)]
+    assert ids[0] != ids[1]
+    assert {p.name for p in stored.iterdir()} == {f"model={i}" for i in ids}
+    assert {p: p.read_bytes() for p in before} == before  # the first model's parts as they were
+
+    def vectors(model_id):
+        rows = tables.connect(cfg.data_dir).execute(
+            f"SELECT sha256, embedding FROM ({tables.scan_sql(tables.EMBEDDINGS, cfg.data_dir, str(cfg.data_dir), model_id)}) ORDER BY sha256").fetchall()
+        return [sha for sha, _ in rows], torch.tensor([v for _, v in rows])
+    (shas_a, a), (shas_b, b) = vectors(ids[0]), vectors(ids[1])
+    assert shas_a == shas_b and not torch.allclose(a, b, atol=1e-3)
