@@ -352,6 +352,15 @@ def dataset(paths: Sequence[Path], preprocess: Callable, settings: LoaderSetting
                       draft_side(preprocess, settings.draft_factor))
 
 
+PREFETCH_IMAGES = 8192  # decoded images waiting in shared memory, at most (2 batches per worker aside)
+
+
+def prefetch_factor(settings: LoaderSettings) -> int:
+    """Batches each worker decodes ahead: 4, fewer when batches are large (a 224 px crop is
+    150 KB of shared memory, and CUDA's auto batch size may reach 1,024), never under 2."""
+    return max(2, min(4, PREFETCH_IMAGES // max(1, settings.workers * settings.batch_size)))
+
+
 def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device
             ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Yield (indices, batch on `device`, failures) for the whole dataset."""
@@ -359,7 +368,7 @@ def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, num_workers=settings.workers,
         collate_fn=_collate, worker_init_fn=_one_thread if settings.workers else None,
-        prefetch_factor=4 if settings.workers else None, persistent_workers=False,
+        prefetch_factor=prefetch_factor(settings) if settings.workers else None, persistent_workers=False,
         pin_memory=cuda, multiprocessing_context=worker_context() if settings.workers else None)
     split = dataset.split
     for b in loader:

@@ -110,3 +110,10 @@ def test_a_jpeg_the_device_cannot_decode_fails_alone(preprocess, sample_paths, t
     [(indices, batch, failures)] = list(loader.batches(files, settings, pick_device("cpu")))
     assert indices == [0, 2] and batch.shape[0] == 2  # each good image once
     assert [i for i, _ in failures] == [1]
+
+
+@pytest.mark.parametrize("workers, batch_size, expected", [(1, 32, 4), (14, 256, 2), (14, 1024, 2), (4, 512, 4), (6, 512, 2)])
+def test_workers_decode_fewer_batches_ahead_when_batches_are_large(workers, batch_size, expected):
+    settings = loader.LoaderSettings(batch_size=batch_size, workers=workers, gpu_decode=False)
+    assert loader.prefetch_factor(settings) == expected
+    assert workers * batch_size * expected <= max(loader.PREFETCH_IMAGES, 2 * workers * batch_size)
