@@ -28,20 +28,18 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
     """
     try:
         return [{"caption": text, "error": None} for text in model.caption(batch)]
-    except torch.cuda.OutOfMemoryError:
-        raise  # not a bad image: inference.HalveOnOOM splits the batch
     except Exception as e:
-        if len(batch) == 1:
-            raise
+        if inference.is_out_of_memory(e) or len(batch) == 1:
+            raise  # out of memory is no bad image: inference.HalveOnOOM splits the batch
         log.warning("captioning a batch of %d failed (%s: %s); captioning it one image at a time",
                     len(batch), type(e).__name__, e)
     rows, errors = [], []
     for image in batch.split(1):
         try:
             rows.extend(caption_rows(model, image))
-        except torch.cuda.OutOfMemoryError:
-            raise
         except Exception as e:
+            if inference.is_out_of_memory(e):
+                raise
             errors.append(e)
             rows.append(failed(f"captioning failed: {type(e).__name__}: {e}"))
     if len(errors) == len(batch):

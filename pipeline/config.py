@@ -51,9 +51,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Numbers with bounds: (lowest, highest), inclusive; None: unbounded. open_clip's generate()
-# needs more tokens than its minimum caption length (5).
+# needs more tokens than its minimum caption length (5), and a beam search at least 2 beams.
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "caption.max_length": (6, 77), "caption.num_beams": (1, None), "caption.beam_groups": (1, None),
+    "caption.max_length": (6, 77), "caption.num_beams": (2, None), "caption.beam_groups": (1, None),
     "caption.top_k": (1, None), "caption.top_p": (1e-6, 1.0), "caption.temperature": (1e-6, None),
 }
 

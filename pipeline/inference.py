@@ -32,6 +32,14 @@ Rows = list[dict[str, Any]]
 Deferred = Callable[[], Rows]  # rows still being computed on the device: calling waits for them
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a library's allocation failure reported as a RuntimeError
+    (cuBLAS, cuDNN): both mean the batch is too big, not that an image is bad."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(
+            words in str(error) for words in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")))
+
+
 class HalveOnOOM:
     """Call `fn` on the batch in chunks, halving the chunk size whenever CUDA runs out of memory."""
 
@@ -45,14 +53,15 @@ class HalveOnOOM:
             chunk = batch[start:start + self.limit]
             try:
                 parts.append(self.fn(chunk))
-            except torch.cuda.OutOfMemoryError:
-                if self.limit == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.limit //= 2
-                log.warning("CUDA out of memory: batch size lowered to %d", self.limit)
+                start += len(chunk)
                 continue
-            start += len(chunk)
+            except Exception as e:
+                if not is_out_of_memory(e) or self.limit == 1:
+                    raise
+            # out of the except block: the failed attempt's tensors are freed before the cache is
+            torch.cuda.empty_cache()
+            self.limit //= 2
+            log.warning("CUDA out of memory: batch size lowered to %d", self.limit)
         return lambda: [row for part in parts for row in (part() if callable(part) else part)]
 
 
@@ -84,37 +93,48 @@ def largest_batch(seconds_for: Callable[[int], float | None], start: int, limit:
 # Most of a device's memory, not all: the loop keeps the next batch queued beside this one
 PROBE_MEMORY_SHARE = 0.8
 _probed: dict[tuple[str, str, str], int] = {}  # (stage, model id, device) → batch size
+_clock = time.perf_counter  # the probe's clock (a test's stand-in for a device's timings)
 
 
 def _probe_batch_size(stage: str, model_id: str, model_fn: Callable[[torch.Tensor], Rows | Deferred],
                       sample: torch.Tensor, device: torch.device, settings: loader.LoaderSettings) -> int:
-    """`largest_batch` for `model_fn`, timed on copies of one real input (once per process)."""
+    """`largest_batch` for `model_fn`, timed on copies of one real input (once per process).
+
+    Each size runs twice and the second run is timed: the first of a new shape pays for
+    the allocator's growth and the kernels' selection, which a stage pays only once.
+    """
     key = (stage, model_id, str(device))
     if key in _probed:
         return _probed[key]
     cuda = device.type == "cuda"
     budget = PROBE_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory if cuda else None
 
-    def seconds_for(n: int) -> float | None:
+    def run(n: int) -> float | None:
         batch = sample.to(device)[None].expand(n, *sample.shape).contiguous()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start = _clock()
         try:
             out = model_fn(batch)
             out() if callable(out) else out  # waiting for the rows waits for the device
-        except torch.cuda.OutOfMemoryError:
-            del batch
-            torch.cuda.empty_cache()
+            return _clock() - start
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+        del batch
+        torch.cuda.empty_cache()
+        return None
+
+    def seconds_for(n: int) -> float | None:
+        if run(n) is None:  # the first run of a size, untimed
             return None
-        seconds = time.perf_counter() - start
-        if budget is not None and torch.cuda.max_memory_allocated(device) > budget:
+        seconds = run(n)
+        if seconds is None or (budget is not None and torch.cuda.max_memory_allocated(device) > budget):
             return None
         log.debug("%s batch-size probe: %d images in %.3f s", stage, n, seconds)
         return seconds
 
-    seconds_for(1)  # kernels, autotuning and compilation are not the batch size's cost
     size = largest_batch(seconds_for, settings.batch_size, settings.probe_batch)
     log.info("%s: batch size auto → %d (tried %d to %d on %s)", stage, size, settings.batch_size,
              settings.probe_batch, device)
@@ -200,10 +220,10 @@ def run(
         try:
             with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
                 for indices, batch, failures in loader.batches(dataset, settings, device):
-                    launched = (indices, call(batch)) if batch is not None else None
-                    if in_flight is not None:
-                        land(*in_flight)  # the batch before: done, or finishing while this one is queued
-                    in_flight = launched
+                    previous = in_flight
+                    in_flight = (indices, call(batch)) if batch is not None else None
+                    if previous is not None:
+                        land(*previous)  # the batch before: done, or finishing while this one is queued
                     for i, error in failures:
                         log.warning("%s %s: %s", stage, shas[i], error)
                         result.failed += 1
@@ -213,17 +233,21 @@ def run(
                     if len(rows) >= part_rows:
                         tables.write_part(data_dir, table, model_id, rows)
                         rows.clear()
-                if in_flight is not None:
-                    land(*in_flight)
-                    in_flight = None
+                last, in_flight = in_flight, None
+                if last is not None:
+                    land(*last)
         except BaseException:
-            # keep what is finished, the batch in flight included, so a rerun does only the rest
+            # keep what is finished, the batch in flight included, so a rerun does only the rest;
+            # the error being raised is the one to report, not a failure to keep them
             if in_flight is not None:
-                with contextlib.suppress(Exception):  # the error being raised says what went wrong
+                with contextlib.suppress(Exception):
                     land(*in_flight)
+            try:
+                tables.write_part(data_dir, table, model_id, rows)
+            except Exception as e:
+                log.error("%s %s: %d finished rows could not be kept: %s", stage, account, len(rows), e)
             raise
-        finally:
-            tables.write_part(data_dir, table, model_id, rows)
+        tables.write_part(data_dir, table, model_id, rows)
         if dataset.split is not None:
             result.details["decode_split"] = dataset.split.summary()
         return result.log()

@@ -1,7 +1,6 @@
 """The model stages' loop: one batch in flight on the device, the batch-size probe, and the
 back-off on CUDA OOM."""
 
-import time
 from dataclasses import replace
 
 import open_clip
@@ -97,6 +96,8 @@ def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_co
                                                                           tmp_path, monkeypatch):
     """The probe runs the real model on copies of a stored image; the stage then runs at its size."""
     monkeypatch.setattr(inference, "_probed", {})
+    now = [0.0]  # a device's clock: a fixed cost per batch and one per image, so bigger batches pay
+    monkeypatch.setattr(inference, "_clock", lambda: now[0])
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
     paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:20]
     as_downloaded(cfg, paths, "a")
@@ -107,7 +108,7 @@ def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_co
         sizes.append(len(batch))
         if len(batch) > 8:  # stands in for CUDA's memory limit
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        time.sleep(0.05)  # a fixed cost per batch, as a GPU's launch: bigger batches pay
+        now[0] += 0.05 + 0.001 * len(batch)
         vectors = encoder.start_encoding(batch)
         return lambda: [{"embedding": v} for v in vectors()]
 
@@ -115,9 +116,24 @@ def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_co
     result = inference.run(cfg.data_dir, "embed", "a", tables.EMBEDDINGS, encoder.id, encoder.preprocess,
                            model_fn, device=encoder.device, settings=settings, part_rows=100)
     assert result.done == 20
-    assert sizes[:5] == [1, 2, 4, 8, 16]  # warm-up, then doubling until it does not fit
-    assert sizes[5:] == [8, 8, 4]  # the run: 20 images at the probed size, no out-of-memory
+    assert sizes[:7] == [2, 2, 4, 4, 8, 8, 16]  # each size twice (the second timed), until one does not fit
+    assert sizes[7:] == [8, 8, 4]  # the run: 20 images at the probed size, no out-of-memory
     assert inference._probed[("embed", encoder.id, "cpu")] == 8
+
+
+def test_allocation_failures_that_libraries_report_as_runtime_errors_also_halve_the_batch():
+    def model_fn(chunk):
+        if len(chunk) > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+        return [{"value": int(v)} for v in chunk]
+
+    call = inference.HalveOnOOM(model_fn, limit=8)
+    assert [r["value"] for r in call(torch.arange(6))()] == list(range(6)) and call.limit == 2
+
+    def broken(chunk):
+        raise RuntimeError("an image is bad")
+    with pytest.raises(RuntimeError, match="an image is bad"):  # any other error is no memory problem
+        inference.HalveOnOOM(broken, limit=8)(torch.arange(4))
 
 
 def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_untouched(

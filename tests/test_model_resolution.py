@@ -1,5 +1,7 @@
 """Model ids resolve honestly: cached weights load by tag, missing ones fail fast and say what to do."""
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -75,36 +77,53 @@ def test_bad_ids_are_explained(tmp_path, spec, message):
         _resolve(spec, tmp_path)
 
 
-def _hub_snapshot(hub, repo, revision, state=None):
-    """A repo in a Hugging Face cache: an open_clip config (the tiny CLIP's), weights if given."""
+def _hub_snapshot(hub, repo, revision, weights=None, **text_cfg):
+    """A repo in a Hugging Face cache, laid out as huggingface_hub lays it: the snapshot's files
+    link to blobs named by their hash. Its config is the tiny CLIP's; weights (bytes) if given."""
     root = hub / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / revision
     snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
     model_cfg = json.loads((tiny.CONFIG_DIR / f"{tiny.TINY_CLIP}.json").read_text())
-    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-    if state is not None:
-        torch.save(state, snapshot / "open_clip_pytorch_model.bin")
+    model_cfg["text_cfg"].update(text_cfg)
+    files = {"open_clip_config.json": json.dumps({"model_cfg": model_cfg}).encode()}
+    if weights is not None:
+        files["open_clip_pytorch_model.bin"] = weights
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(blob)
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(revision)
 
 
-def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_snapshot(tmp_path, monkeypatch,
-                                                                               tiny_clip_ckpt):
+def _weights(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp_path, monkeypatch,
+                                                                              tiny_clip_ckpt):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     state = torch.load(tiny_clip_ckpt)
-    first, second = "1" * 40, "2" * 40
-    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", first, state)
+    weights = _weights(state)
+    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "1" * 40, weights)
 
     resolved = _resolve("hf-hub:clipgram/tiny", tmp_path)
-    assert resolved.id == f"hf-hub@clipgram.tiny@{first[:12]}"
+    assert resolved.id == f"hf-hub@clipgram.tiny@{hashlib.sha256(weights).hexdigest()[:12]}"
     model, _, tokenizer = load(resolved, torch.device("cpu"))
     assert torch.equal(model.visual.conv1.weight, state["visual.conv1.weight"])  # the cached weights
     assert tokenizer(["a red circle"]).shape[1] == model.context_length
 
-    # the repo changed on the hub: its new weights get a partition of their own
-    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", second, state)
-    assert _resolve("hf-hub:clipgram/tiny", tmp_path).id == f"hf-hub@clipgram.tiny@{second[:12]}"
+    # a new commit that leaves the weights alone (a README edit) keeps the id ...
+    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "2" * 40, weights)
+    assert _resolve("hf-hub:clipgram/tiny", tmp_path).id == resolved.id
+    # ... and new weights get a partition of their own
+    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "3" * 40,
+                  _weights({k: v + 1 for k, v in state.items()}))
+    assert _resolve("hf-hub:clipgram/tiny", tmp_path).id != resolved.id
 
 
 def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tmp_path, monkeypatch):
@@ -113,6 +132,16 @@ def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tm
     _hub_snapshot(tmp_path / "hub", "clipgram/config-only", "3" * 40)
     with pytest.raises(resolve.WeightsUnavailable, match="hf-hub:clipgram/config-only.*not cached"):
         _resolve("hf-hub:clipgram/config-only", tmp_path)
+
+
+def test_an_hf_hub_model_with_a_hugging_face_tokenizer_gets_it_by_its_hub_id(tmp_path, monkeypatch):
+    """Such a tokenizer lives in another repo, not in the snapshot open_clip loads the model from."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_snapshot(tmp_path / "hub", "clipgram/siglip-like", "4" * 40, b"weights",
+                  hf_tokenizer_name="timm/ViT-B-16-SigLIP")
+    _hub_snapshot(tmp_path / "hub", "clipgram/plain", "5" * 40, b"weights")
+    assert _resolve("hf-hub:clipgram/siglip-like", tmp_path).tokenizer == "hf-hub:clipgram/siglip-like"
+    assert _resolve("hf-hub:clipgram/plain", tmp_path).tokenizer is None  # from the snapshot
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")

@@ -57,7 +57,7 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
         if offline and previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(resolved.arch)
+    return model, preprocess, open_clip.get_tokenizer(resolved.tokenizer or resolved.arch)
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

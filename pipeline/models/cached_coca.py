@@ -161,9 +161,11 @@ def _forbid_early_end(logits: torch.Tensor, length: int, tokens: Tokens) -> torc
     return logits
 
 
+@torch.inference_mode()
 def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_beams: int,
                 tokens: Tokens) -> torch.Tensor:
-    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search").
+    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search")
+    with `num_beams` beams in one group (at least 2).
 
     The scorer's bookkeeping runs on the host, on each step's top candidates: on the device
     its per-candidate Python loop would wait for the device hundreds of times a step.
@@ -192,9 +194,10 @@ def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_
         if scorer.is_done or ids.shape[1] >= max_length:
             break
     return scorer.finalize(ids, scores, top % vocab, top // vocab, max_length=max_length,
-                           pad_token_id=tokens.pad, eos_token_id=tokens.end)["sequences"]
+                           pad_token_id=tokens.pad, eos_token_id=tokens.end)["sequences"].to(device)
 
 
+@torch.inference_mode()
 def sample(model: nn.Module, images: torch.Tensor, *, max_length: int, warper: object,
            temperature: float, tokens: Tokens) -> torch.Tensor:
     """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="top_k"/"top_p")

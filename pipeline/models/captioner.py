@@ -66,10 +66,12 @@ class Captioner:
         self.decoding = decoding
         self._generate_kwargs = decoding.generate_kwargs(context)
         self.precision = precision
-        self.cached = decoding.decoder == "cached" and cached_coca.supports(self.model)
+        # a beam search of one beam per group is not one the scorer the cached decoder uses runs
+        one_beam = decoding.method == "beam_search" and decoding.num_beams // decoding.beam_groups < 2
+        self.cached = decoding.decoder == "cached" and cached_coca.supports(self.model) and not one_beam
         if decoding.decoder == "cached" and not self.cached:
-            log.info("%s: blocks the cached decoder does not know; captioning with open_clip's "
-                     "generate()", resolved.id)
+            log.info("%s: %s; captioning with open_clip's generate()", resolved.id,
+                     "one beam per group" if one_beam else "blocks the cached decoder does not know")
         # generate()'s own defaults, which the tokenizers of open_clip's CoCa models share
         self._tokens = cached_coca.Tokens(getattr(tokenizer, "sot_token_id", 49406),
                                           getattr(tokenizer, "eot_token_id", 49407), self.model.pad_id)

@@ -16,6 +16,7 @@ that says what to do, instead of a minute of hub retries.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -46,6 +47,7 @@ class Resolved:
     arch: str               # open_clip model name, or `local-dir:` a hub snapshot
     weights: str | None     # a local file; None when open_clip reads the hub cache itself
     preprocess: dict = field(default_factory=dict)  # image_mean/std/... of a pretrained tag
+    tokenizer: str | None = None  # what open_clip.get_tokenizer() is given, when not `arch`
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
@@ -119,19 +121,29 @@ def _pretrained_tag(arch: str, tag: str) -> Resolved:
     return Resolved(f"{arch}@{tag}", arch, path, preprocess)
 
 
+def _content_id(path: str) -> str:
+    """A short id of a file's bytes. The hub cache links each snapshot's files to blobs named
+    by their hash: that name is the id, and a multi-GB file need not be read."""
+    target = Path(path).resolve()
+    return target.name[:12] if target.parent.name == "blobs" else _file_digest(target)
+
+
 def _hf_hub(spec: str) -> Resolved:
-    """An open_clip repo on the hub. Its id names the snapshot (the repo's commit): when the
-    repo changes on the hub, its new weights embed into a partition of their own."""
+    """An open_clip repo on the hub, loaded from its snapshot in the cache. Its id names the
+    weights' bytes: when the repo's weights change, they embed into a partition of their own."""
     repo = spec.removeprefix("hf-hub:")
-    config = _from_hub_cache(repo, ("open_clip_config.json",))
-    # open_clip builds a hub model with random weights when it finds none: never let it
-    if config is None or _from_hub_cache(repo, WEIGHT_FILES) is None:
+    config, weights = _from_hub_cache(repo, ("open_clip_config.json",)), _from_hub_cache(repo, WEIGHT_FILES)
+    # open_clip builds a hub model with random weights when its folder has none: never let it
+    if config is None or weights is None or Path(config).parent != Path(weights).parent:
         if not _reachable(HUB_HOST):
             raise _unavailable(spec, HUB_HOST)
         config = download_pretrained_from_hf(repo, "open_clip_config.json", cache_dir=hub_cache_dir())
-        download_pretrained_from_hf(repo, cache_dir=hub_cache_dir())
-    snapshot = Path(config).parent  # …/snapshots/<commit>/: config and weights, read from disk
-    return Resolved(f"hf-hub@{repo.replace('/', '.')}@{snapshot.name[:12]}", f"local-dir:{snapshot}", None)
+        weights = download_pretrained_from_hf(repo, cache_dir=hub_cache_dir())
+    text_cfg = json.loads(Path(config).read_text()).get("model_cfg", {}).get("text_cfg", {})
+    # a tokenizer of Hugging Face's is not in the snapshot: open_clip finds it by the hub id
+    tokenizer = spec if text_cfg.get("hf_tokenizer_name") else None
+    return Resolved(f"hf-hub@{repo.replace('/', '.')}@{_content_id(weights)}",
+                    f"local-dir:{Path(config).parent}", None, tokenizer=tokenizer)
 
 
 def _checkpoint(arch: str, path: Path) -> Resolved:
