@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distinct", type=int, default=8000 if gpu else 400,
                         help="distinct images rendered for it (and stored, embedded)")
     parser.add_argument("--embed-images", type=int, default=1024 if gpu else 64)
-    parser.add_argument("--caption-images", type=int, default=512 if gpu else 32)
-    parser.add_argument("--caption-batch-size", type=int, default=64 if gpu else 8)
+    parser.add_argument("--caption-images", type=int, default=512 if gpu else 64)
+    parser.add_argument("--caption-batch-size", type=int, default=64 if gpu else 32)
     parser.add_argument("--size", type=int, default=1080, help="JPEG side (Instagram: 1080)")
     parser.add_argument("--batch-size", type=int, default=256 if gpu else 32)
     parser.add_argument("--workers", type=int, default=None if gpu else 1,
