@@ -158,3 +158,20 @@ def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(
     assert len(vectors) == len(instagram_jpegs)
     cosines = [float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(instagram_jpegs)]
     assert min(cosines) >= 0.999, cosines
+
+
+def test_a_compiled_channels_last_encoder_stores_what_the_reference_loop_gives(make_config, as_downloaded,
+                                                                              tmp_path):
+    """torch.compile and channels-last (both off by default) change how the stage computes, not what."""
+    cfg = make_config(tmp_path / "data", decode={"workers": 0}, embed={"batch_size": 8},
+                      models={"compile": True, "channels_last": True})
+    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
+    assert len(paths) % 8 == 0  # batches of one shape: compiled once (about half a minute here)
+    as_downloaded(cfg, paths, "compiled")
+    encoder = clip.from_config(cfg.models)
+    assert encoder._encode_image is not encoder.model.encode_image
+    assert encoder.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    embed(cfg.data_dir, "compiled", cfg)
+    vectors = _stored_vectors(cfg, encoder)
+    assert len(vectors) == len(paths)
+    assert min(float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(paths)) >= 0.999
