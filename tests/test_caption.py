@@ -145,7 +145,8 @@ def test_each_cached_step_gives_the_logits_of_a_full_forward(coca, correct_cls_m
 @pytest.mark.parametrize("decoding, cached", [
     ({}, True),                                       # beam search: 6 beams in 3 groups
     ({"num_beams": 4, "beam_groups": 1}, True),
-    ({"num_beams": 3, "beam_groups": 3}, False),      # one beam a group: generate() does it
+    ({"num_beams": 3, "beam_groups": 3}, True),       # one beam a group
+    ({"max_length": 7}, True),                        # many captions cut off at the limit
     ({"method": "top_k", "top_k": 1}, True),          # greedy
     ({"method": "top_p", "top_p": 0.9}, True),        # sampled: the same draws from the same seed
 ])
@@ -174,7 +175,9 @@ def test_the_cached_decoder_under_autocast_mostly_agrees_with_open_clips(coca):
     assert agree >= 24
 
 
-def test_captioning_without_transformers_says_to_install_it(coca, monkeypatch):
+def test_only_open_clips_generate_needs_transformers(coca, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: import fails
+    images = _renders(captioner.Captioner(coca, torch.device("cpu")), 2)
+    assert all(captioner.Captioner(coca, torch.device("cpu")).caption(images))
     with pytest.raises(RuntimeError, match="needs `transformers`: pip install"):
-        captioner.Captioner(coca, torch.device("cpu"))
+        captioner.Captioner(coca, torch.device("cpu"), decoding=captioner.Decoding(decoder="open_clip"))

@@ -9,8 +9,9 @@ The arithmetic is open_clip's (the same weights, masks and order of operations),
 so the tokens are too: tests/test_caption.py checks both against `generate()`.
 
 Decoding follows `generate()` as well: the same logits processors (a minimum
-length of 5 tokens, beam scores that sum raw logits), Hugging Face's
-`BeamSearchScorer`, and sampling that applies the temperature after top-k/top-p.
+length of 5 tokens, beam scores that sum raw logits), the search of Hugging Face's
+`BeamSearchScorer` (here on the device, so `transformers` is not needed), and
+sampling that applies the temperature after top-k/top-p.
 open_clip's beam search splits `num_beams` into `num_beam_groups` groups that
 never see each other (it passes no diversity penalty), so every group finds the
 same beams: searching one group finds the captions at 1/`num_beam_groups` the cost.
@@ -18,6 +19,7 @@ same beams: searching one group finds the captions at 1/`num_beam_groups` the co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,47 +163,116 @@ def _forbid_early_end(logits: torch.Tensor, length: int, tokens: Tokens) -> torc
     return logits
 
 
+class _Finished:
+    """Each image's best `beams` ended captions so far (a beam-search hypothesis list), on the device.
+
+    A caption's score is its summed logits over its length; a candidate takes a place
+    when there is room or it beats the worst, as Hugging Face's BeamHypotheses has it.
+    Exact ties between different captions may be broken the other way.
+    """
+
+    def __init__(self, batch: int, beams: int, max_length: int, device: torch.device):
+        self.scores = torch.full((batch, beams), float("-inf"), device=device)
+        self.ids = torch.zeros((batch, beams, max_length), dtype=torch.long, device=device)
+        self.lengths = torch.zeros((batch, beams), dtype=torch.long, device=device)
+
+    def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Offer (B, k) candidates, `scores` already length-normalised (-inf: none), `ids` (B, k, L)."""
+        batch, k, length = ids.shape
+        padded = torch.zeros((batch, k, self.ids.shape[2]), dtype=torch.long, device=ids.device)
+        padded[:, :, :length] = ids
+        pool_scores = torch.cat([self.scores, scores], dim=1)
+        pool_ids = torch.cat([self.ids, padded], dim=1)
+        pool_lengths = torch.cat([self.lengths, torch.full_like(scores, length, dtype=torch.long)], dim=1)
+        self.scores, keep = torch.topk(pool_scores, self.scores.shape[1], dim=1)
+        self.ids = pool_ids[torch.arange(batch, device=ids.device)[:, None], keep]
+        self.lengths = pool_lengths.gather(1, keep)
+
+    def full(self) -> torch.Tensor:
+        return torch.isfinite(self.scores).all(dim=1)
+
+    def worst(self) -> torch.Tensor:
+        return self.scores.min(dim=1).values
+
+
 @torch.inference_mode()
 def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_beams: int,
                 tokens: Tokens) -> torch.Tensor:
     """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="beam_search")
-    with `num_beams` beams in one group (at least 2).
+    with `num_beams` beams in one group.
 
-    The scorer's bookkeeping runs on the host, on each step's top candidates: on the device
-    its per-candidate Python loop would wait for the device hundreds of times a step.
+    The search of Hugging Face's BeamSearchScorer (which generate() uses, with a length
+    penalty of 1 and no early stopping), all on the device: its per-candidate Python loop
+    would wait for the device hundreds of times a step. One wait a step remains, to stop.
     """
-    from transformers import BeamSearchScorer
-
-    batch, device, host = images.shape[0], images.device, torch.device("cpu")
+    batch, beams, device = images.shape[0], num_beams, images.device
     _, image_embs = model._encode_image(images)
-    sequences = Sequences(model, image_embs, num_beams, max_length)
-    ids = torch.full((batch * num_beams, 1), tokens.start, dtype=torch.long)
-    scorer = BeamSearchScorer(batch_size=batch, num_beams=num_beams, device=host)
-    scores = torch.full((batch, num_beams), -1e9)
+    sequences = Sequences(model, image_embs, beams, max_length)
+    ids = torch.full((batch * beams, 1), tokens.start, dtype=torch.long, device=device)
+    scores = torch.full((batch, beams), -1e9, device=device)
     scores[:, 0] = 0  # one live beam per image to start with: the others would repeat it
-    scores = scores.view(-1)
+    finished = _Finished(batch, beams, max_length, device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    first_row = torch.arange(batch, device=device)[:, None] * beams  # each image's first beam
     while True:
-        logits = sequences.step(ids[:, -1].to(device, non_blocking=True)).float()
-        logits = _forbid_early_end(logits, ids.shape[1], tokens)
-        candidates = (logits + scores.to(device, non_blocking=True)[:, None]).view(batch, -1)
-        top_scores, top = (t.to(host) for t in torch.topk(candidates, 2 * num_beams, dim=1))
+        length = ids.shape[1] + 1  # with the token this step chooses
+        logits = _forbid_early_end(sequences.step(ids[:, -1]).float(), ids.shape[1], tokens)
         vocab = logits.shape[-1]
-        chosen = scorer.process(ids, top_scores, top % vocab, top // vocab,
-                                pad_token_id=tokens.pad, eos_token_id=tokens.end)
-        scores, beam = chosen["next_beam_scores"], chosen["next_beam_indices"]
-        ids = torch.cat([ids[beam], chosen["next_beam_tokens"][:, None]], dim=-1)
-        sequences.reorder(beam.to(device, non_blocking=True))
-        if scorer.is_done or ids.shape[1] >= max_length:
+        top_scores, top = torch.topk((logits + scores.view(-1, 1)).view(batch, -1), 2 * beams, dim=1)
+        top_tokens, top_rows = top % vocab, first_row + top // vocab
+        ends = top_tokens == tokens.end
+        # an end among the top `beams` candidates finishes a caption (without the end token)
+        ending = ends & ~done[:, None]
+        ending[:, beams:] = False
+        finished.add(torch.where(ending, top_scores / length, float("-inf"))[:, :beams],
+                     ids[top_rows[:, :beams]])
+        # the best `beams` candidates that do not end go on (there are always enough of them)
+        go_on = ~ends & ((~ends).cumsum(dim=1) <= beams)
+        chosen = go_on.nonzero()[:, 1].view(batch, beams)
+        scores = top_scores.gather(1, chosen)
+        rows, next_tokens = top_rows.gather(1, chosen), top_tokens.gather(1, chosen)
+        # an image whose worst finished caption beats anything its beams could still reach is done
+        done |= finished.full() & (finished.worst() >= top_scores[:, 0] / length)
+        scores = torch.where(done[:, None], 0.0, scores)
+        next_tokens = torch.where(done[:, None], tokens.pad, next_tokens)
+        rows = torch.where(done[:, None], first_row, rows).view(-1)
+        ids = torch.cat([ids[rows], next_tokens.view(-1, 1)], dim=-1)
+        sequences.reorder(rows)
+        if ids.shape[1] >= max_length or bool(done.all()):
             break
-    return scorer.finalize(ids, scores, top % vocab, top // vocab, max_length=max_length,
-                           pad_token_id=tokens.pad, eos_token_id=tokens.end)["sequences"].to(device)
+    # images still searching: their beams, as they stand, are candidates too
+    open_ = ~done[:, None].expand(batch, beams)
+    finished.add(torch.where(open_, scores / ids.shape[1], float("-inf")), ids.view(batch, beams, -1))
+    best = finished.scores.argmax(dim=1)
+    picked = torch.arange(batch, device=device)
+    lengths = finished.lengths[picked, best]
+    width = min(int(lengths.max()) + 1, max_length)
+    out = torch.full((batch, width), tokens.pad, dtype=torch.long, device=device)
+    columns = torch.arange(width, device=device)
+    captions = finished.ids[picked, best, :width]
+    out = torch.where(columns < lengths[:, None], captions, out)
+    return torch.where(columns == lengths[:, None], tokens.end, out)  # ended, where there is room
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits outside the k largest → -inf (Hugging Face's TopKLogitsWarper)."""
+    kth = torch.topk(logits, min(max(k, 1), logits.shape[-1]))[0][..., -1, None]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits outside the smallest set holding probability `p` → -inf (TopPLogitsWarper)."""
+    ascending, order = torch.sort(logits, descending=False)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+    drop[..., -1:] = False  # the likeliest token always stays
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 @torch.inference_mode()
-def sample(model: nn.Module, images: torch.Tensor, *, max_length: int, warper: object,
-           temperature: float, tokens: Tokens) -> torch.Tensor:
-    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="top_k"/"top_p")
-    with `warper` (Hugging Face's TopKLogitsWarper or TopPLogitsWarper)."""
+def sample(model: nn.Module, images: torch.Tensor, *, max_length: int,
+           keep: Callable[[torch.Tensor], torch.Tensor], temperature: float, tokens: Tokens) -> torch.Tensor:
+    """(B, 3, H, W) images → (B, L ≤ max_length) token ids, as generate(generation_type="top_k"/"top_p"),
+    `keep` filtering each step's logits (top_k_filter or top_p_filter)."""
     batch = images.shape[0]
     _, image_embs = model._encode_image(images)
     sequences = Sequences(model, image_embs, 1, max_length)
@@ -212,7 +283,7 @@ def sample(model: nn.Module, images: torch.Tensor, *, max_length: int, warper: o
         if ended.all():
             break
         live = ~ended
-        filtered = warper(out[live], _forbid_early_end(logits[live], out.shape[1], tokens))
+        filtered = keep(_forbid_early_end(logits[live], out.shape[1], tokens))
         probs = F.softmax(filtered / temperature, dim=-1)
         nxt = torch.full((batch, 1), tokens.pad, dtype=torch.long, device=images.device)
         nxt[live] = tokens.end if out.shape[1] + 1 == max_length else torch.multinomial(probs, 1)

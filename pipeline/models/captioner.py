@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -53,10 +54,6 @@ class Decoding:
 class Captioner:
     def __init__(self, resolved: resolve.Resolved, device: torch.device, *,
                  decoding: Decoding = Decoding(), precision: str = "auto"):
-        try:
-            import transformers  # noqa: F401  (CoCa's generate() is built on it)
-        except ImportError:
-            raise RuntimeError("captioning with CoCa needs `transformers`: pip install 'transformers<4.56'") from None
         self.id = resolved.id
         self.device = device
         self.model, self.preprocess, tokenizer = load(resolved, device)
@@ -66,12 +63,16 @@ class Captioner:
         self.decoding = decoding
         self._generate_kwargs = decoding.generate_kwargs(context)
         self.precision = precision
-        # a beam search of one beam per group is not one the scorer the cached decoder uses runs
-        one_beam = decoding.method == "beam_search" and decoding.num_beams // decoding.beam_groups < 2
-        self.cached = decoding.decoder == "cached" and cached_coca.supports(self.model) and not one_beam
+        self.cached = decoding.decoder == "cached" and cached_coca.supports(self.model)
         if decoding.decoder == "cached" and not self.cached:
-            log.info("%s: %s; captioning with open_clip's generate()", resolved.id,
-                     "one beam per group" if one_beam else "blocks the cached decoder does not know")
+            log.info("%s: blocks the cached decoder does not know; captioning with open_clip's "
+                     "generate()", resolved.id)
+        if not self.cached:
+            try:
+                import transformers  # noqa: F401  (open_clip's generate() is built on it)
+            except ImportError:
+                raise RuntimeError("captioning with open_clip's CoCa generate() needs `transformers`: "
+                                   "pip install 'transformers<4.56'") from None
         # generate()'s own defaults, which the tokenizers of open_clip's CoCa models share
         self._tokens = cached_coca.Tokens(getattr(tokenizer, "sot_token_id", 49406),
                                           getattr(tokenizer, "eot_token_id", 49407), self.model.pad_id)
@@ -90,10 +91,11 @@ class Captioner:
         if d.method == "beam_search":
             return cached_coca.beam_search(self.model, images, max_length=length,
                                            num_beams=d.num_beams // d.beam_groups, tokens=self._tokens)
-        from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-        warper = TopKLogitsWarper(d.top_k) if d.method == "top_k" else TopPLogitsWarper(d.top_p)
-        return cached_coca.sample(self.model, images, max_length=length, warper=warper,
+        if d.method == "top_k":
+            keep = functools.partial(cached_coca.top_k_filter, k=d.top_k)
+        else:
+            keep = functools.partial(cached_coca.top_p_filter, p=d.top_p)
+        return cached_coca.sample(self.model, images, max_length=length, keep=keep,
                                   temperature=d.temperature, tokens=self._tokens)
 
 
