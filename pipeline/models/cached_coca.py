@@ -228,7 +228,8 @@ def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_
                      ids[top_rows[:, :beams]])
         # the best `beams` candidates that do not end go on (there are always enough of them)
         go_on = ~ends & ((~ends).cumsum(dim=1) <= beams)
-        chosen = go_on.nonzero()[:, 1].view(batch, beams)
+        rank = torch.arange(2 * beams, device=device)  # sorted, not nonzero(): no wait for the device
+        chosen = torch.where(go_on, rank, rank + 2 * beams).argsort(dim=1)[:, :beams]
         scores = top_scores.gather(1, chosen)
         rows, next_tokens = top_rows.gather(1, chosen), top_tokens.gather(1, chosen)
         # an image whose worst finished caption beats anything its beams could still reach is done
