@@ -200,6 +200,10 @@ def run(
             return result.log()
         shas = [sha for sha, _ in todo]
         storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
+        if len(todo) <= settings.batch_size:
+            # one batch (an hourly run's new posts): starting decode workers, a fork server
+            # first (6 s here), costs more than decoding it in this process
+            settings = replace(settings, workers=0)
         dataset = loader.dataset([data_dir / p for _, p in todo], preprocess, settings)
         if settings.probe_batch and len(todo) > 2 * settings.batch_size:  # else its start will do
             sample = _first_input(dataset, device)

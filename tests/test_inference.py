@@ -166,3 +166,18 @@ def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_u
         return [sha for sha, _ in rows], torch.tensor([v for _, v in rows])
     (shas_a, a), (shas_b, b) = vectors(ids[0]), vectors(ids[1])
     assert shas_a == shas_b and not torch.allclose(a, b, atol=1e-3)
+
+
+def test_a_to_do_list_of_one_batch_is_decoded_without_starting_workers(make_config, as_downloaded,
+                                                                       tmp_path, monkeypatch):
+    from pipeline.embed import embed
+
+    started = []
+    real = loader.worker_context
+    monkeypatch.setattr(loader, "worker_context", lambda: started.append(1) or real())
+    cfg = make_config(tmp_path / "data", decode={"workers": 1}, embed={"batch_size": 8})
+    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
+    as_downloaded(cfg, paths[:8], "small")
+    assert embed(cfg.data_dir, "small", cfg).done == 8 and not started
+    as_downloaded(cfg, paths[:20], "larger")  # 12 not embedded yet (images are keyed by content)
+    assert embed(cfg.data_dir, "larger", cfg).done == 12 and started
