@@ -23,28 +23,22 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
     """One row per image; an image whose generation fails gets a row saying why.
 
     A failed batch is captioned again one image at a time, so one bad image costs only
-    its own caption. If every image fails on its own too, the model (not an image) is
-    at fault: the stage stops with an error and records nothing for the batch.
+    its own caption. If every image of the batch fails on its own too, the model (not an
+    image) is at fault: the stage stops with an error and records nothing for the batch.
     """
     try:
         return [{"caption": text, "error": None} for text in model.caption(batch)]
     except Exception as e:
-        if inference.is_out_of_memory(e) or len(batch) == 1:
-            raise  # out of memory is no bad image: inference.HalveOnOOM splits the batch
+        if inference.is_out_of_memory(e):
+            raise  # no bad image: inference.HalveOnOOM splits the batch
+        if len(batch) == 1:
+            return [failed(f"captioning failed: {type(e).__name__}: {e}")]
         log.warning("captioning a batch of %d failed (%s: %s); captioning it one image at a time",
                     len(batch), type(e).__name__, e)
-    rows, errors = [], []
-    for image in batch.split(1):
-        try:
-            rows.extend(caption_rows(model, image))
-        except Exception as e:
-            if inference.is_out_of_memory(e):
-                raise
-            errors.append(e)
-            rows.append(failed(f"captioning failed: {type(e).__name__}: {e}"))
-    if len(errors) == len(batch):
-        raise RuntimeError(f"captioning fails for every image of the batch, one by one too: "
-                           f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+    rows = [row for image in batch.split(1) for row in caption_rows(model, image)]
+    if all(row["error"] for row in rows):
+        raise RuntimeError(f"{rows[0]['error']}, for every image of a batch of {len(rows)}, "
+                           f"one by one too: the captioner is at fault, not the images")
     return rows
 
 

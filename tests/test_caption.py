@@ -61,6 +61,16 @@ def test_an_image_whose_captioning_fails_is_recorded_and_the_batch_goes_on(accou
     assert _captions(cfg, model.id)[black][0]
 
 
+def test_a_batch_of_one_image_that_fails_is_recorded_too(account, monkeypatch):
+    cfg, black = account
+    cfg = load_config(overrides={**cfg.as_dict(), "caption": {"batch_size": 5}}, environ={})
+    model = captioner.from_config(cfg.models, cfg.caption)
+    calls = _fail_on_black_images(monkeypatch, model)
+    result = caption(cfg.data_dir, "a", cfg)
+    assert calls == [5, 1] and (result.done, result.failed) == (5, 1)  # the black image comes last
+    assert _captions(cfg, model.id)[black][1] == "captioning failed: ValueError: no caption for this one"
+
+
 def test_a_captioner_that_fails_on_every_image_stops_the_stage_and_keeps_what_was_done(account, monkeypatch):
     cfg, black = account
     model = captioner.from_config(cfg.models, cfg.caption)
@@ -73,7 +83,7 @@ def test_a_captioner_that_fails_on_every_image_stops_the_stage_and_keeps_what_wa
             raise RuntimeError("the model broke")
         return real(images)
     monkeypatch.setattr(model, "generate", generate)
-    with pytest.raises(RuntimeError, match="fails for every image of the batch.*the model broke"):
+    with pytest.raises(RuntimeError, match="the model broke, for every image of a batch of 2"):
         caption(cfg.data_dir, "a", cfg)
     stored = _captions(cfg, model.id)
     assert len(stored) == 4 and all(text for text, _ in stored.values())  # the first batch's captions
