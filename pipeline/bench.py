@@ -203,15 +203,20 @@ def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
     }
 
 
-def _open_clip_generate_ips(model: captioner_mod.Captioner, arch: str, images: torch.Tensor,
-                            captions_per_second: Callable) -> float | None:
+def _captions_per_second(captioner: captioner_mod.Captioner, images: torch.Tensor, batch_size: int) -> float:
+    captioner.caption(images[:1])  # warm-up
+    return len(images) / _timed(lambda: [captioner.caption(images[i:i + batch_size])
+                                         for i in range(0, len(images), batch_size)])
+
+
+def _open_clip_generate_ips(model: captioner_mod.Captioner, arch: str, images: torch.Tensor) -> float | None:
     """The same weights through open_clip's generate(), on one batch (it is slow); None where it
     cannot run: it needs transformers < 4.56, and a GPU host may carry a newer one."""
     try:
         reference = captioner_mod.Captioner(Resolved(model.id, arch, None), model.device,
                                             decoding=replace(model.decoding, decoder="open_clip"))
         reference.model.load_state_dict(model.model.state_dict())
-        return captions_per_second(reference, images)
+        return _captions_per_second(reference, images, len(images))
     except (RuntimeError, AssertionError, ImportError) as e:
         print(f"open_clip's generate() cannot run here ({type(e).__name__}: {e}); no speed-up figure")
         return None
@@ -232,13 +237,8 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
         [count]).arrow().read_all().to_pylist()
     tables.write_part(data_dir, tables.MEDIA, "bench-caption", media)  # its images, nothing more
     batch = torch.stack([model.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
-
-    def captions_per_second(captioner: captioner_mod.Captioner, images: torch.Tensor) -> float:
-        captioner.caption(images[:1])  # warm-up
-        return len(images) / _timed(lambda: [captioner.caption(images[i:i + batch_size])
-                                             for i in range(0, len(images), batch_size)])
-    model_only_ips = captions_per_second(model, batch)
-    open_clip_ips = _open_clip_generate_ips(model, arch, batch[:batch_size], captions_per_second)
+    model_only_ips = _captions_per_second(model, batch, batch_size)
+    open_clip_ips = _open_clip_generate_ips(model, arch, batch[:batch_size])
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "caption": {"batch_size": batch_size},
                                  "decode": {"workers": num_workers}}, environ={})
     utilisation: list[float] = []

@@ -59,7 +59,7 @@ class LoaderSettings:
 
 # `auto` batch sizes: on the CPU a fixed one; on CUDA the probe's (start, largest it tries).
 # Past these sizes a batch gains no speed on any GPU we know, and the workers' prefetched
-# batches (workers × 4 × batch × 150 KB of shared memory) only grow.
+# batches (workers × prefetch_factor × batch × 150 KB of shared memory) only grow.
 AUTO_BATCH = {"embed": {"cpu": 32, "cuda": (64, 1024)}, "caption": {"cpu": 32, "cuda": (16, 512)}}
 
 

@@ -77,6 +77,14 @@ def test_bad_ids_are_explained(tmp_path, spec, message):
         _resolve(spec, tmp_path)
 
 
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache that the hub clients read, offline."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
 def _hub_snapshot(hub, repo, revision, weights=None, **text_cfg):
     """A repo in a Hugging Face cache, laid out as huggingface_hub lays it: the snapshot's files
     link to blobs named by their hash. Its config is the tiny CLIP's; weights (bytes) if given."""
@@ -103,13 +111,10 @@ def _weights(state):
     return buffer.getvalue()
 
 
-def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp_path, monkeypatch,
-                                                                              tiny_clip_ckpt):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp_path, hub, tiny_clip_ckpt):
     state = torch.load(tiny_clip_ckpt)
     weights = _weights(state)
-    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "1" * 40, weights)
+    _hub_snapshot(hub, "clipgram/tiny", "1" * 40, weights)
 
     resolved = _resolve("hf-hub:clipgram/tiny", tmp_path)
     assert resolved.id == f"hf-hub@clipgram.tiny@{hashlib.sha256(weights).hexdigest()[:12]}"
@@ -118,28 +123,25 @@ def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp
     assert tokenizer(["a red circle"]).shape[1] == model.context_length
 
     # a new commit that leaves the weights alone (a README edit) keeps the id ...
-    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "2" * 40, weights)
+    _hub_snapshot(hub, "clipgram/tiny", "2" * 40, weights)
     assert _resolve("hf-hub:clipgram/tiny", tmp_path).id == resolved.id
     # ... and new weights get a partition of their own
-    _hub_snapshot(tmp_path / "hub", "clipgram/tiny", "3" * 40,
+    _hub_snapshot(hub, "clipgram/tiny", "3" * 40,
                   _weights({k: v + 1 for k, v in state.items()}))
     assert _resolve("hf-hub:clipgram/tiny", tmp_path).id != resolved.id
 
 
-def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _hub_snapshot(tmp_path / "hub", "clipgram/config-only", "3" * 40)
+def test_an_hf_hub_model_without_weights_fails_instead_of_loading_random_ones(tmp_path, hub):
+    _hub_snapshot(hub, "clipgram/config-only", "3" * 40)
     with pytest.raises(resolve.WeightsUnavailable, match="hf-hub:clipgram/config-only.*not cached"):
         _resolve("hf-hub:clipgram/config-only", tmp_path)
 
 
-def test_an_hf_hub_model_with_a_hugging_face_tokenizer_gets_it_by_its_hub_id(tmp_path, monkeypatch):
+def test_an_hf_hub_model_with_a_hugging_face_tokenizer_gets_it_by_its_hub_id(tmp_path, hub):
     """Such a tokenizer lives in another repo, not in the snapshot open_clip loads the model from."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    _hub_snapshot(tmp_path / "hub", "clipgram/siglip-like", "4" * 40, b"weights",
+    _hub_snapshot(hub, "clipgram/siglip-like", "4" * 40, b"weights",
                   hf_tokenizer_name="timm/ViT-B-16-SigLIP")
-    _hub_snapshot(tmp_path / "hub", "clipgram/plain", "5" * 40, b"weights")
+    _hub_snapshot(hub, "clipgram/plain", "5" * 40, b"weights")
     assert _resolve("hf-hub:clipgram/siglip-like", tmp_path).tokenizer == "hf-hub:clipgram/siglip-like"
     assert _resolve("hf-hub:clipgram/plain", tmp_path).tokenizer is None  # from the snapshot
 

@@ -222,9 +222,8 @@ def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_
         top_tokens, top_rows = top % vocab, first_row + top // vocab
         ends = top_tokens == tokens.end
         # an end among the top `beams` candidates finishes a caption (without the end token)
-        ending = ends & ~done[:, None]
-        ending[:, beams:] = False
-        finished.add(torch.where(ending, top_scores / length, float("-inf"))[:, :beams],
+        ending = ends[:, :beams] & ~done[:, None]
+        finished.add(torch.where(ending, top_scores[:, :beams] / length, float("-inf")),
                      ids[top_rows[:, :beams]])
         # the best `beams` candidates that do not end go on (there are always enough of them)
         go_on = ~ends & ((~ends).cumsum(dim=1) <= beams)
@@ -248,10 +247,8 @@ def beam_search(model: nn.Module, images: torch.Tensor, *, max_length: int, num_
     picked = torch.arange(batch, device=device)
     lengths = finished.lengths[picked, best]
     width = min(int(lengths.max()) + 1, max_length)
-    out = torch.full((batch, width), tokens.pad, dtype=torch.long, device=device)
     columns = torch.arange(width, device=device)
-    captions = finished.ids[picked, best, :width]
-    out = torch.where(columns < lengths[:, None], captions, out)
+    out = torch.where(columns < lengths[:, None], finished.ids[picked, best, :width], tokens.pad)
     return torch.where(columns == lengths[:, None], tokens.end, out)  # ended, where there is room
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import open_clip
@@ -92,9 +91,9 @@ class Captioner:
             return cached_coca.beam_search(self.model, images, max_length=length,
                                            num_beams=d.num_beams // d.beam_groups, tokens=self._tokens)
         if d.method == "top_k":
-            keep = functools.partial(cached_coca.top_k_filter, k=d.top_k)
+            keep = partial(cached_coca.top_k_filter, k=d.top_k)
         else:
-            keep = functools.partial(cached_coca.top_p_filter, p=d.top_p)
+            keep = partial(cached_coca.top_p_filter, p=d.top_p)
         return cached_coca.sample(self.model, images, max_length=length, keep=keep,
                                   temperature=d.temperature, tokens=self._tokens)
 

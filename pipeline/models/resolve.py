@@ -77,7 +77,7 @@ def _unavailable(spec: str, where: str) -> WeightsUnavailable:
     )
 
 
-def hub_cache_dir() -> str | None:
+def _hub_cache_dir() -> str | None:
     # read the environment now: huggingface_hub fixes its default at import time
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -88,7 +88,7 @@ def _from_hub_cache(repo: str, filenames: tuple[str, ...]) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
-        hit = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir())
+        hit = try_to_load_from_cache(repo, name, cache_dir=_hub_cache_dir())
         if isinstance(hit, str):
             return hit
     return None
@@ -110,7 +110,7 @@ def _pretrained_tag(arch: str, tag: str) -> Resolved:
         if path is None:
             if not _reachable(HUB_HOST):
                 raise _unavailable(spec, HUB_HOST)
-            path = open_clip.download_pretrained(cfg, cache_dir=hub_cache_dir())
+            path = open_clip.download_pretrained(cfg, cache_dir=_hub_cache_dir())
     else:
         url = cfg["url"]
         path = str(Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path))
@@ -137,8 +137,8 @@ def _hf_hub(spec: str) -> Resolved:
     if config is None or weights is None or Path(config).parent != Path(weights).parent:
         if not _reachable(HUB_HOST):
             raise _unavailable(spec, HUB_HOST)
-        config = download_pretrained_from_hf(repo, "open_clip_config.json", cache_dir=hub_cache_dir())
-        weights = download_pretrained_from_hf(repo, cache_dir=hub_cache_dir())
+        config = download_pretrained_from_hf(repo, "open_clip_config.json", cache_dir=_hub_cache_dir())
+        weights = download_pretrained_from_hf(repo, cache_dir=_hub_cache_dir())
     text_cfg = json.loads(Path(config).read_text()).get("model_cfg", {}).get("text_cfg", {})
     # a tokenizer of Hugging Face's is not in the snapshot: open_clip finds it by the hub id
     tokenizer = spec if text_cfg.get("hf_tokenizer_name") else None
