@@ -30,6 +30,9 @@ pytestmark = pytest.mark.skipif(
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--disable-dev-shm-usage", "--remote-debugging-port=0", "--window-size=1280,900"]
+# A readiness wait, not a speed check: a cold start (page cache evicted by the model tests before
+# it, fontconfig's first scan) took over 20 s on a loaded CI machine, 3 s here, 0.2 s warm.
+STARTUP_S = 120
 
 
 class Page:
@@ -90,13 +93,17 @@ def chromium(profile: Path) -> Iterator[Page]:
     """Headless Chromium with a fresh profile, attached to its first tab."""
     from websockets.sync.client import connect
 
-    proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profile.mkdir(parents=True, exist_ok=True)
+    log = profile / "chromium.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 20
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + STARTUP_S
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "chromium opened no DevTools port within 20 s"
+            said = log.read_text(errors="replace")[-2000:]
+            assert proc.poll() is None, f"chromium exited with {proc.returncode}:\n{said}"
+            assert time.monotonic() < deadline, f"chromium opened no DevTools port within {STARTUP_S} s:\n{said}"
             time.sleep(0.05)
         port = port_file.read_text().split()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
