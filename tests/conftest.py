@@ -27,6 +27,14 @@ def tiny_coca_ckpt():
 
 
 @pytest.fixture(scope="session")
+def sample_paths():
+    """The sample profile's JPEGs, in name order."""
+    from pipeline import demo
+
+    return sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """A real, temporary Prefect API for the whole session."""
     from prefect.testing.utilities import prefect_test_harness

@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import demo, synthetic, tables
+from pipeline import synthetic, tables
 from pipeline.caption import caption
 from pipeline.config import ConfigError, load_config
 from pipeline.models import cached_coca, captioner, resolve, tiny
 
 
 @pytest.fixture
-def account(make_config, as_downloaded, tmp_path):
+def account(make_config, as_downloaded, sample_paths, tmp_path):
     """Six stored images: five of the sample profile and one black one."""
     black = tmp_path / "black.jpg"
     Image.new("RGB", (128, 128)).save(black)
-    paths = [*sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:5], black]
+    paths = [*sample_paths[:5], black]
     cfg = make_config(tmp_path / "data", decode={"workers": 0}, caption={"batch_size": 4})
     as_downloaded(cfg, paths, "a")
     return cfg, f"{len(paths) - 1:064x}"  # the black image's sha256 (as_downloaded numbers them)

@@ -7,15 +7,14 @@ import open_clip
 import pytest
 import torch
 
-from pipeline import demo, inference, loader, tables
+from pipeline import inference, loader, tables
 from pipeline.models import clip
 
-SAMPLE = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
 
-
-def test_a_batch_is_collected_only_after_the_next_one_is_launched(make_config, as_downloaded, tmp_path):
+def test_a_batch_is_collected_only_after_the_next_one_is_launched(make_config, as_downloaded, sample_paths,
+                                                                  tmp_path):
     cfg = make_config(tmp_path / "data", decode={"workers": 0}, embed={"batch_size": 4})
-    paths = SAMPLE[:10]
+    paths = sample_paths[:10]
     as_downloaded(cfg, paths, "a")
     encoder = clip.from_config(cfg.models)
     events = []
@@ -95,13 +94,13 @@ def test_the_batch_size_probe_halves_a_start_that_does_not_fit_and_then_stays_be
 
 
 def test_an_auto_batch_size_is_probed_on_the_stages_images_and_then_used(make_config, as_downloaded,
-                                                                          tmp_path, monkeypatch):
+                                                                          sample_paths, tmp_path, monkeypatch):
     """The probe runs the real model on copies of a stored image; the stage then runs at its size."""
     monkeypatch.setattr(inference, "_probed", {})
     now = [0.0]  # a device's clock: a fixed cost per batch and one per image, so bigger batches pay
     monkeypatch.setattr(inference, "_clock", lambda: now[0])
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
-    paths = SAMPLE[:20]
+    paths = sample_paths[:20]
     as_downloaded(cfg, paths, "a")
     encoder = clip.from_config(cfg.models)
     sizes = []
@@ -139,12 +138,12 @@ def test_allocation_failures_that_libraries_report_as_runtime_errors_also_halve_
 
 
 def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_untouched(
-        make_config, as_downloaded, tmp_path):
+        make_config, as_downloaded, sample_paths, tmp_path):
     from pipeline.embed import embed
     from pipeline.models import tiny
 
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
-    as_downloaded(cfg, SAMPLE[:6], "a")
+    as_downloaded(cfg, sample_paths[:6], "a")
     assert embed(cfg.data_dir, "a", cfg).done == 6
     stored = tables.EMBEDDINGS.dir(cfg.data_dir)
     before = {p: p.read_bytes() for p in stored.rglob("*.parquet")}
@@ -171,14 +170,14 @@ def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_u
 
 
 def test_a_to_do_list_of_one_batch_is_decoded_without_starting_workers(make_config, as_downloaded,
-                                                                       tmp_path, monkeypatch):
+                                                                       sample_paths, tmp_path, monkeypatch):
     from pipeline.embed import embed
 
     started = []
     real = loader.worker_context
     monkeypatch.setattr(loader, "worker_context", lambda: started.append(1) or real())
     cfg = make_config(tmp_path / "data", decode={"workers": 1}, embed={"batch_size": 8})
-    paths = SAMPLE
+    paths = sample_paths
     as_downloaded(cfg, paths[:8], "small")
     assert embed(cfg.data_dir, "small", cfg).done == 8 and not started
     as_downloaded(cfg, paths[:20], "larger")  # 12 not embedded yet (images are keyed by content)

@@ -7,18 +7,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import demo, images, loader
+from pipeline import images, loader
 from pipeline.models import clip, pick_device
 
 
 @pytest.fixture(scope="module")
 def preprocess(make_config, tmp_path_factory):
     return clip.from_config(make_config(tmp_path_factory.mktemp("data")).models).preprocess
-
-
-@pytest.fixture(scope="module")
-def sample_paths():
-    return sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
 
 
 def test_workers_hand_over_uint8_crops_that_finish_into_open_clips_tensor(preprocess, sample_paths):

@@ -249,10 +249,10 @@ def test_rerun_of_an_unknown_account_says_to_ingest_it_first(make_config, tmp_pa
 
 
 def test_retry_failed_captions_again_the_images_whose_captioning_failed(
-        prefect_harness, make_config, tmp_path, capsys):
+        prefect_harness, make_config, sample_paths, tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
-    for path in sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:3]:
+    for path in sample_paths[:3]:
         shutil.copy(path, folder / path.name)
     cfg = make_config(tmp_path / "data")
     ingest_account(A, cfg.as_dict(), source=str(folder), stages_to_run=["scrape", "download"])

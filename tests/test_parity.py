@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import demo, images, loader, tables
+from pipeline import images, loader, tables
 from pipeline.bench import _render_jpeg
 from pipeline.embed import embed
 from pipeline.models import clip, pick_device
@@ -22,12 +22,11 @@ def _tiny_encoder(cfg, precision):
 
 
 @pytest.fixture(scope="module")
-def stored(make_config, as_downloaded, tmp_path_factory):
+def stored(make_config, as_downloaded, sample_paths, tmp_path_factory):
     """The sample's images in a data dir, as if downloaded, embedded by the stage."""
     cfg = make_config(tmp_path_factory.mktemp("data"), decode={"workers": 1}, embed={"batch_size": 5})
-    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
-    as_downloaded(cfg, paths, "parity")
-    return cfg, paths
+    as_downloaded(cfg, sample_paths, "parity")
+    return cfg, sample_paths
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +160,11 @@ def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(
 
 
 def test_a_compiled_channels_last_encoder_stores_what_the_reference_loop_gives(make_config, as_downloaded,
-                                                                              tmp_path):
+                                                                              sample_paths, tmp_path):
     """torch.compile and channels-last (both off by default) change how the stage computes, not what."""
     cfg = make_config(tmp_path / "data", decode={"workers": 0}, embed={"batch_size": 8},
                       models={"compile": True, "channels_last": True})
-    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
+    paths = sample_paths
     assert len(paths) % 8 == 0  # batches of one shape: compiled once (about half a minute here)
     as_downloaded(cfg, paths, "compiled")
     encoder = clip.from_config(cfg.models)

@@ -2,14 +2,15 @@
 
 import threading
 
-from pipeline import demo, inference, tables
+from pipeline import inference, tables
 from pipeline.embed import embed
 from pipeline.models import clip
 
 
-def test_concurrent_accounts_sharing_images_embed_each_once(make_config, as_downloaded, tmp_path, monkeypatch):
+def test_concurrent_accounts_sharing_images_embed_each_once(make_config, as_downloaded, sample_paths, tmp_path,
+                                                            monkeypatch):
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
-    paths = sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))[:8]
+    paths = sample_paths[:8]
     for account in ("first", "second"):  # the same pictures, reposted by two accounts
         as_downloaded(cfg, paths, account)
 

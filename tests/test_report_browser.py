@@ -101,9 +101,10 @@ def chromium(profile: Path) -> Iterator[Page]:
     try:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + STARTUP_S
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            said = log.read_text(errors="replace")[-2000:]
-            assert proc.poll() is None, f"chromium exited with {proc.returncode}:\n{said}"
-            assert time.monotonic() < deadline, f"chromium opened no DevTools port within {STARTUP_S} s:\n{said}"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                what = (f"exited with {proc.returncode}" if proc.returncode is not None
+                        else f"opened no DevTools port within {STARTUP_S} s")
+                pytest.fail(f"chromium {what}:\n{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
         port = port_file.read_text().split()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:

@@ -276,10 +276,10 @@ def sample(model: nn.Module, images: torch.Tensor, *, max_length: int,
     sequences = Sequences(model, image_embs, 1, max_length)
     out = torch.full((batch, 1), tokens.start, dtype=torch.long, device=images.device)
     while True:
-        logits = sequences.step(out[:, -1])
         ended = (out[:, -1] == tokens.end) | (out[:, -1] == tokens.pad)
         if ended.all():
-            break
+            break  # before the step: its logits would go unused
+        logits = sequences.step(out[:, -1])
         live = ~ended
         filtered = keep(_forbid_early_end(logits[live], out.shape[1], tokens))
         probs = F.softmax(filtered / temperature, dim=-1)
