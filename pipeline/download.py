@@ -12,6 +12,7 @@ is checked: a URL from a scraped profile may not point into the local network
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import ipaddress
@@ -30,7 +31,7 @@ from typing import Any, BinaryIO
 import httpx
 from tqdm import tqdm
 
-from pipeline import images, storage, tables
+from pipeline import images, storage, tables, verifier
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.download")
@@ -42,21 +43,32 @@ FLUSH_EVERY_S = 10  # …or seconds, whichever comes first
 @dataclass(frozen=True)
 class DownloadSettings:
     concurrency: int = 8
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0              # connect / between two reads
     retries: int = 3
     max_image_pixels: int = 89_478_485
     allow_private_network: bool = False  # URLs (and redirects) into loopback/private networks
     videos: bool = False                 # also fetch the video behind a video's thumbnail
+    max_bytes: int = 50_000_000          # a larger body is refused, whatever its headers say
+    deadline_s: float = 120.0            # one file's whole transfer, however slowly it trickles
+    decode_deadline_s: float = 20.0      # one file's verification decode
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DownloadSettings":
-        d = cfg.download
-        return cls(d.concurrency, d.timeout_s, d.retries, d.max_image_pixels,
-                   d.allow_private_network, d.videos)
+        d = vars(cfg.download)
+        return cls(**{name: d[name] for name in cls.__dataclass_fields__})
+
+    def verifier(self) -> verifier.Verifier:
+        """Worker processes that verify this stage's files (one per core at most)."""
+        return verifier.Verifier(verifier.VerifySettings(
+            self.max_image_pixels, self.decode_deadline_s, min(self.concurrency, os.cpu_count() or 1)))
 
 
 class DownloadError(Exception):
     pass
+
+
+class StoreUnavailable(RuntimeError):
+    """The data store refused a file: no single item's fault, so the stage stops."""
 
 
 MAX_REDIRECTS = 5
@@ -93,7 +105,12 @@ def check_url(url: str, allow_private_network: bool) -> httpx.URL:
 
 
 def _get(client: httpx.Client, url: str, out: BinaryIO, settings: DownloadSettings) -> str:
-    """Stream `url` (following checked redirects) into `out`; return the sha256."""
+    """Stream `url` (following checked redirects) into `out`; return the sha256.
+
+    The body may not pass `settings.max_bytes` nor take longer than `settings.deadline_s`
+    in all, whatever Content-Length says: a hostile server cannot fill the disk or hold a
+    download slot by trickling."""
+    deadline = time.monotonic() + settings.deadline_s
     for _ in range(MAX_REDIRECTS + 1):
         target = check_url(url, settings.allow_private_network)
         with client.stream("GET", target) as response:
@@ -103,14 +120,30 @@ def _get(client: httpx.Client, url: str, out: BinaryIO, settings: DownloadSettin
             if response.status_code >= 400:
                 raise httpx.HTTPStatusError(
                     f"HTTP {response.status_code}", request=response.request, response=response)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > settings.max_bytes:
+                raise DownloadError(_too_large(settings, f"it says {int(declared):,} bytes"))
             digest = hashlib.sha256()
             out.seek(0)
             out.truncate()
+            size = 0
             for chunk in response.iter_bytes(1 << 16):
+                size += len(chunk)
+                if size > settings.max_bytes:
+                    raise DownloadError(_too_large(settings, "its body went past that"))
+                if time.monotonic() > deadline:
+                    raise DownloadError(
+                        f"the transfer took longer than {settings.deadline_s:g} s "
+                        f"(download.deadline_s) after {size:,} bytes; left out")
                 digest.update(chunk)
                 out.write(chunk)
             return digest.hexdigest()
-    raise DownloadError(f"more than {MAX_REDIRECTS} redirects from {url}")
+    raise DownloadError(f"more than {MAX_REDIRECTS} redirects from {url} (a redirect loop?)")
+
+
+def _too_large(settings: DownloadSettings, why: str) -> str:
+    return (f"larger than download.max_bytes ({settings.max_bytes:,} bytes): {why}; "
+            "raise download.max_bytes to fetch it")
 
 
 def _fetch(client: httpx.Client, url: str, tmp_dir: Path, settings: DownloadSettings) -> tuple[Path, str]:
@@ -144,14 +177,17 @@ def _move_into_store(tmp: Path, sha: str, extension: str, data_dir: Path) -> Pat
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
     # an object-store data dir: the row says done only once the store has the file
-    storage.upload_new(final)
+    try:
+        storage.upload_new(final)
+    except Exception as e:
+        raise StoreUnavailable(f"cannot upload {rel} to the data store: {images.reason(e)}") from e
     return rel
 
 
-def _store(tmp: Path, sha: str, data_dir: Path, max_pixels: int) -> dict[str, Any]:
+def _store(tmp: Path, sha: str, data_dir: Path, check: verifier.Verifier) -> dict[str, Any]:
     """Verify the temp file decodes, then move it into the content-addressed store."""
     try:
-        info = images.verify(tmp, max_pixels)
+        info = check.verify(tmp)
     except images.BadImage:
         tmp.unlink(missing_ok=True)
         raise
@@ -161,7 +197,7 @@ def _store(tmp: Path, sha: str, data_dir: Path, max_pixels: int) -> dict[str, An
             "bytes": size}
 
 
-def import_file(source: Path, data_dir: Path, max_pixels: int) -> dict[str, Any]:
+def import_file(source: Path, data_dir: Path, check: verifier.Verifier) -> dict[str, Any]:
     """Copy a local image into the store (verified, content-addressed): the row's file facts."""
     fd, name = tempfile.mkstemp(dir=data_dir / "media", prefix=".import-", suffix=".tmp")
     tmp = Path(name)
@@ -171,10 +207,21 @@ def import_file(source: Path, data_dir: Path, max_pixels: int) -> dict[str, Any]
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-        return _store(tmp, digest.hexdigest(), data_dir, max_pixels)
+        return _store(tmp, digest.hexdigest(), data_dir, check)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# errors that are about the machine, not the file: the stage stops instead of failing every row
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def item_failure(e: Exception) -> str:
+    """The reason to record on one item's failed row; re-raises what no single item causes."""
+    if isinstance(e, StoreUnavailable) or (isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS):
+        raise e
+    return str(e) if isinstance(e, (DownloadError, images.BadImage)) else images.reason(e)
 
 
 def _fetch_video(client: httpx.Client, url: str, data_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
@@ -188,20 +235,20 @@ def _fetch_video(client: httpx.Client, url: str, data_dir: Path, settings: Downl
 
 
 def download_one(client: httpx.Client, row: dict[str, Any], data_dir: Path,
-                 settings: DownloadSettings) -> dict[str, Any]:
+                 settings: DownloadSettings, check: verifier.Verifier) -> dict[str, Any]:
     """The media row after an attempt: status done with the file's facts, or failed with why."""
     if row["status"] != "done":
         try:
             tmp, sha = _fetch(client, row["url"], data_dir / "media", settings)
-            row = {**row, **_store(tmp, sha, data_dir, settings.max_image_pixels),
-                   "status": "done", "error": None}
-        except (DownloadError, images.BadImage) as e:
-            return {**row, "status": "failed", "error": str(e)}
+            row = {**row, **_store(tmp, sha, data_dir, check), "status": "done", "error": None}
+        except Exception as e:  # whatever one URL or its bytes do, it is that row's failure
+            return {**row, "status": "failed", "error": item_failure(e)}
     if settings.videos and row.get("video_url") and not row.get("video_sha256"):
         try:
             row = {**row, **_fetch_video(client, row["video_url"], data_dir, settings), "error": None}
-        except DownloadError as e:  # the thumbnail is still good: keep it, say why the video is not
-            row = {**row, "error": f"video: {e}" if not str(e).startswith("video") else str(e)}
+        except Exception as e:  # the thumbnail is still good: keep it, say why the video is not
+            why = item_failure(e)
+            row = {**row, "error": why if why.startswith("video") else f"video: {why}"}
     return row
 
 
@@ -284,6 +331,8 @@ def download(data_dir: Path, account: str, settings: DownloadSettings = Download
         tables.remove_stale_temp_files(data_dir / "media", ".*.tmp")  # downloads write there
     limits = httpx.Limits(max_connections=settings.concurrency,
                           max_keepalive_connections=settings.concurrency)
-    with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=False) as client:
+    with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=False) as client, \
+            settings.verifier() as check:
         return process(data_dir, account, "download", todo,
-                       lambda row: download_one(client, row, data_dir, settings), settings.concurrency)
+                       lambda row: download_one(client, row, data_dir, settings, check),
+                       settings.concurrency)

@@ -33,7 +33,7 @@ def _parts(cfg):
 
 def test_every_stage_runs_and_fills_its_table(ingested, recorded_copy):
     cfg, results = ingested
-    _, posts = instagram.load_recorded(recorded_copy)
+    posts = instagram.load_recorded(recorded_copy).posts
     images = sum(p.mediacount for p in posts)
     assert [r.stage for r in results] == list(stages.STAGES)
     by_stage = {r.stage: r for r in results}

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import download, images, tables
+from pipeline import download, tables
 from pipeline.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
@@ -75,12 +75,13 @@ def scan(data_dir: Path, account: str, folder: Path, settings: download.Download
 
     def work(row: dict[str, Any]) -> dict[str, Any]:
         try:
-            facts = download.import_file(sources[row["media_id"]], data_dir, settings.max_image_pixels)
+            facts = download.import_file(sources[row["media_id"]], data_dir, check)
             return {**row, **facts, "status": "done", "error": None}
-        except (OSError, images.BadImage) as e:
-            return {**row, "status": "failed", "error": str(e)}
+        except Exception as e:  # whatever one file does, it is that file's failed row
+            return {**row, "status": "failed", "error": download.item_failure(e)}
 
-    result = download.process(data_dir, account, "import", media, work, settings.concurrency)
+    with settings.verifier() as check:
+        result = download.process(data_dir, account, "import", media, work, settings.concurrency)
     # posts after their media, as in a scrape: a post row marks a finished import
     tables.write_part(data_dir, tables.POSTS, account, [post for _, post in todo])
     return StageResult("scrape", account, done=len(todo), failed=result.failed,

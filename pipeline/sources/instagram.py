@@ -9,7 +9,9 @@ recorded scrapes run the same extraction code.
 
 from __future__ import annotations
 
+import json
 import logging
+import lzma
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ import requests
 from instaloader import InstaloaderContext, Post, Profile
 
 from pipeline import tables
+from pipeline.sources import instagram_rows as rows
 from pipeline.sources import session
 from pipeline.stages import StageResult
 
@@ -54,83 +57,70 @@ def offline_context() -> InstaloaderContext:
     return context
 
 
-def load_recorded(directory: Path) -> tuple[Profile | None, list[Post]]:
-    """The profile and its posts (newest first) recorded in `directory`."""
-    context = offline_context()
-    profile, posts = None, []
+@dataclass
+class Recording:
+    """What a directory of instaloader JSON holds: the profile (None for a hashtag or location
+    download), its posts as Instagram lists them, and the files that are not post or profile
+    structures, with the reason each was left out."""
+
+    profile: Profile | None
+    posts: list[Post]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _read_structure(path: Path) -> Any:
+    opener = lzma.open if path.name.endswith(".xz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _node_type(structure: Any) -> str | None:
+    """The node type of a structure that save_structure_to_file wrote, else None."""
+    if isinstance(structure, dict) and isinstance(structure.get("node"), dict):
+        meta = structure.get("instaloader")
+        return meta.get("node_type") if isinstance(meta, dict) else None
+    return None
+
+
+def load_recorded(directory: Path) -> Recording:
+    """The profile and posts that `instaloader --metadata-json` recorded in `directory`.
+
+    Structures load as instaloader's own objects, on a context that refuses the
+    network. A post saved twice (as `.json` and as `.json.xz`, by two runs) counts
+    once; files that are not post or profile structures (`*_comments.json`,
+    instaloader 3's shortcode-only files, broken or cut-off files) are left out and
+    named.
+    """
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a folder of instaloader JSON files")
     files = sorted([*directory.glob("*.json"), *directory.glob("*.json.xz")])
     if not files:
-        raise FileNotFoundError(f"no instaloader JSON files in {directory}")
+        raise FileNotFoundError(f"no instaloader JSON files (*.json, *.json.xz) in {directory}")
+    context = offline_context()
+    recording = Recording(None, [])
+    seen: set[str] = set()
     for path in files:
-        structure = instaloader.load_structure_from_file(context, str(path))
-        if isinstance(structure, Profile):
-            profile = structure
-        elif isinstance(structure, Post):
-            posts.append(structure)
+        try:
+            structure = _read_structure(path)
+        except Exception as e:  # a broken or cut-off file is that file's problem
+            recording.skipped[path.name] = f"unreadable: {type(e).__name__}: {e}"
+            continue
+        kind, node = _node_type(structure), structure.get("node") if isinstance(structure, dict) else None
+        if kind == "Profile":
+            recording.profile = recording.profile or Profile(context, node)
+        elif kind == "Post" and isinstance(node.get("shortcode"), str) and isinstance(
+                node.get("date", node.get("taken_at_timestamp")), (int, float)):
+            if node["shortcode"] not in seen:
+                seen.add(node["shortcode"])
+                recording.posts.append(Post(context, node))
+        else:
+            recording.skipped[path.name] = "not an instaloader post or profile structure"
     # as Instagram lists them: pinned posts first, then newest first
-    posts.sort(key=lambda p: (not p.is_pinned, -p.date_utc.timestamp()))
-    return profile, posts
-
-
-def post_row(post: Post) -> dict[str, Any]:
-    return {
-        "shortcode": post.shortcode,
-        "post_id": post.mediaid,
-        "owner_username": post.owner_username,
-        "owner_id": int(post.owner_id),
-        "taken_at": post.date_utc.replace(tzinfo=timezone.utc),
-        "caption": post.caption,
-        "hashtags": post.caption_hashtags,
-        "mentions": post.caption_mentions,
-        "tagged_users": post.tagged_users,
-        "location": _location_name(post),
-        "likes": post.likes,
-        "comments": post.comments,
-        "is_video": post.is_video,
-        "typename": post.typename,
-        "permalink": f"https://www.instagram.com/p/{post.shortcode}/",
-        "accessibility_caption": post.accessibility_caption,
-        "media_count": post.mediacount,
-    }
-
-
-def _location_name(post: Post) -> str | None:
-    # Post.location fetches the location page (one request per post, logged in only);
-    # the name is already in the post's node when Instagram sent one.
-    location = post._node.get("location")  # noqa: SLF001 - instaloader has no public accessor
-    return location.get("name") if isinstance(location, dict) else None
-
-
-def media_rows(post: Post) -> list[dict[str, Any]]:
-    """One row per image: each carousel item in order, or the photo / the video's thumbnail."""
-    if post.typename == "GraphSidecar":
-        items = [(node.display_url, node.is_video, node.video_url)
-                 for node in post.get_sidecar_nodes()]
-    else:
-        items = [(post.url, post.is_video, post.video_url if post.is_video else None)]
-    return [
-        {"media_id": f"{post.shortcode}_{i}", "shortcode": post.shortcode, "position": i,
-         "url": url, "is_video": is_video, "video_url": video_url, "status": "pending"}
-        for i, (url, is_video, video_url) in enumerate(items)
-    ]
-
-
-def _recorded_count(profile: Profile) -> int | None:
-    # instaloader leaves the post count out of saved Profile structures, and asking
-    # the property would fetch the profile again: take it from the node when there
-    counts = profile._node.get("edge_owner_to_timeline_media")  # noqa: SLF001
-    return counts.get("count") if isinstance(counts, dict) else None
-
-
-def profile_row(profile: Profile | None, synced_through: datetime | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"synced_through": synced_through}
-    if profile is not None:
-        row.update(profile_id=int(profile.userid), username=profile.username,
-                   full_name=profile.full_name, biography=profile.biography,
-                   followers=profile.followers, followees=profile.followees,
-                   post_count=_recorded_count(profile), is_private=profile.is_private,
-                   profile_pic_url=profile.profile_pic_url)
-    return row
+    recording.posts.sort(key=lambda p: (not p.is_pinned, -p.date_utc.timestamp()))
+    if recording.skipped:
+        log.info("%s: %d files left out: %s", directory, len(recording.skipped),
+                 "; ".join(f"{k} ({v})" for k, v in list(recording.skipped.items())[:5]))
+    return recording
 
 
 @dataclass(frozen=True)
@@ -236,8 +226,11 @@ def _scrape(data_dir: Path, account: str, recorded: Path | None, settings: Scrap
     old = next((dict(zip([d[0] for d in cursor.description], r)) for r in cursor.fetchall()), None)
     before = old["synced_through"] if old else None
     try:
-        if source is None:
-            source = load_recorded(recorded) if recorded is not None else live_source(account, settings)
+        if source is None and recorded is not None:
+            recording = load_recorded(recorded)
+            source = (recording.profile, recording.posts)
+        elif source is None:
+            source = live_source(account, settings)
         profile, posts = source
     except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
         raise session.explain(e, account, settings.session_user) from None
@@ -260,15 +253,15 @@ def _scrape(data_dir: Path, account: str, recorded: Path | None, settings: Scrap
     error: Exception | None = None
     try:
         for post in walk.new_posts(posts):
-            post_batch.append(post_row(post))
-            media_batch.extend(media_rows(post))
+            post_batch.append(rows.post_row(post))
+            media_batch.extend(rows.media_rows(post))
             if len(post_batch) >= FLUSH_POSTS:
                 flush()
     except (instaloader.InstaloaderException, instaloader.AbortDownloadException) as e:
         error = e
     flush()  # whatever happened, keep what was fetched
 
-    row = profile_row(profile, walk.cursor(before) if error is None else before)
+    row = rows.profile_row(profile, walk.cursor(before) if error is None else before)
     if old is None or any(old.get(k) != v for k, v in row.items()):
         tables.write_part(data_dir, tables.PROFILES, account, [row])
     notes = [f"{images} images queued"]
