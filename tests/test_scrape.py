@@ -286,9 +286,12 @@ def test_a_profile_error_before_any_post_writes_nothing(tmp_path, monkeypatch):
 
 def test_one_scraper_per_session(tmp_path, first):
     with session.session_lock(tmp_path / "state" / "locks", "me"):
-        busy = instagram.scrape(tmp_path, ACCOUNT, first, instagram.ScrapeSettings(session_user="me"))
+        busy = instagram.scrape(tmp_path, ACCOUNT, settings=instagram.ScrapeSettings(session_user="me"),
+                                source=_source(first))
         assert busy.done == 0 and "another clipgram scrape is using the me session" in busy.note
-        assert instagram.scrape(tmp_path, ACCOUNT, first).done == 8  # another session is free
+        assert instagram.scrape(tmp_path, ACCOUNT, source=_source(first)).done == 8  # another session is free
+        assert instagram.scrape(tmp_path / "b", ACCOUNT, first,  # a recording needs no session
+                                instagram.ScrapeSettings(session_user="me")).done == 8
     assert _count(tmp_path, "posts") == (8, 8)
 
 

@@ -208,6 +208,9 @@ def scrape(data_dir: Path, account: str, recorded: Path | None = None,
     """
     tables.check_partition_value(account)
     result = StageResult("scrape", account)
+    if recorded is not None:  # a recording uses no Instagram session: nothing to take turns on
+        _scrape(data_dir, account, recorded, settings, source, result)
+        return result.log()
     try:
         with session.session_lock(data_dir / "state" / "locks", settings.session_user):
             _scrape(data_dir, account, recorded, settings, source, result)
