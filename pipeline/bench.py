@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import bench_rerun, bench_search, demo, download, images, loader, synthetic, tables
+from pipeline import bench_odd_images, bench_rerun, bench_search, demo, download, images, loader, synthetic, tables
 from pipeline.caption import caption
 from pipeline.config import load_config
 from pipeline.embed import embed
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                                            args.caption_batch_size, args.workers)
         results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
         results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
+        # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
+        results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

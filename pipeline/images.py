@@ -78,7 +78,7 @@ def verify(path: Path, max_pixels: int = 89_478_485) -> ImageInfo:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img.load()  # decodes every pixel: truncated or corrupt data fails here
-                to_rgb(img)
+                to_rgb(upright(img))  # what load_rgb does, so what verifies, loads
         except Exception as e:
             raise _decode_error(img, e) from None
         return ImageInfo(img.format or "unknown", img.width, img.height)
@@ -108,10 +108,18 @@ def load_rgb(path: Path, max_pixels: int = 89_478_485, min_side: int | None = No
             if min_side:
                 # before anything loads pixels; the mode stays (None), only the scale changes
                 src.draft(None, (min_side, min_side))
-            rgb = to_rgb(ImageOps.exif_transpose(src))
+            rgb = to_rgb(upright(src))
             return rgb if rgb is not src else rgb.copy()  # a copy: safe to close the file
         except Exception as e:
             raise _decode_error(src, e) from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says; as stored when its EXIF cannot be read."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # garbage EXIF in a good image: the orientation is unknown, not the pixels
+        return img
 
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -122,7 +130,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+    if mode == "La":  # premultiplied grey + alpha: Pillow converts it only to LA
+        img, mode = img.convert("LA"), "LA"
+    if mode in ("RGBA", "LA", "PA", "RGBa") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

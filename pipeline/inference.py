@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import images, loader, storage, tables
+from pipeline import loader, storage, tables
 from pipeline.lock import partition_lock
 from pipeline.stages import StageResult
 
@@ -147,7 +147,7 @@ def _first_input(dataset: loader.ImageFiles, device: torch.device) -> torch.Tens
     for i in range(len(dataset)):
         try:
             return dataset.finish(dataset.decode(i).to(device)[None])[0]
-        except (images.BadImage, OSError, RuntimeError):
+        except Exception:  # that image fails where the stage decodes it, with the reason
             continue
     return None
 

@@ -286,8 +286,9 @@ class ImageFiles(Dataset):
                 if images.exif_orientation(io.BytesIO(data.numpy())) == 1:  # nvjpeg does not rotate
                     return i, data, None, 0.0
             return i, self.decode(i), None, time.perf_counter() - start
-        except (images.BadImage, OSError, RuntimeError) as e:
-            return i, None, str(e), time.perf_counter() - start
+        except Exception as e:  # one file's failure, whatever its decoder raised
+            return i, None, str(e) if isinstance(e, images.BadImage) else images.reason(e), \
+                time.perf_counter() - start
 
 
 @dataclass
@@ -408,8 +409,8 @@ def _decode_on_device(dataset: ImageFiles, b: _Batch, device: torch.device, indi
             try:
                 crops.append(dataset.decode(i))
                 indices.append(i)
-            except (images.BadImage, OSError, RuntimeError) as err:
-                failures.append((i, str(err)))
+            except Exception as err:  # one file's failure, whatever its decoder raised
+                failures.append((i, str(err) if isinstance(err, images.BadImage) else images.reason(err)))
         return torch.stack(crops).to(device) if crops else None
 
 

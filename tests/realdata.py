@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import os
 import re
 import threading
 from collections import Counter
@@ -22,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES") or ROOT.parent / "shared" / "samples")
+from pipeline.bench_odd_images import SAMPLES
 
 
 def sample_dir(kind: str) -> Path:

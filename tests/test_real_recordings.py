@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 
 import pytest
 from instaloader import Post
+from realdata import point_at, sample_dir, sample_sets, serve_cdn
 
 from flows.ingest import ingest_accounts
 from pipeline import tables
 from pipeline.sources import instagram
-from realdata import point_at, sample_dir, sample_sets, serve_cdn
 
 SETS = sample_sets("instaloader")
 pytestmark = pytest.mark.skipif(not SETS, reason="real instaloader samples absent (tests/SAMPLES.md)")
