@@ -127,7 +127,7 @@ def _get(client: httpx.Client, url: str, out: BinaryIO, settings: DownloadSettin
             out.seek(0)
             out.truncate()
             size = 0
-            for chunk in response.iter_bytes(1 << 16):
+            for chunk in response.iter_bytes():  # as it arrives: a trickle meets the deadline
                 size += len(chunk)
                 if size > settings.max_bytes:
                     raise DownloadError(_too_large(settings, "its body went past that"))

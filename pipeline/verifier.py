@@ -13,6 +13,7 @@ stage decodes only files that decoded within the deadline here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,8 +62,9 @@ class _Worker:
             line = b""
         if line:
             return json.loads(line)
+        crashed = bool(ready) or self.proc.poll() is not None  # end of file, or a broken pipe
         self.kill()
-        return "deadline" if not ready else "crashed"
+        return "crashed" if crashed else "deadline"
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -70,7 +72,8 @@ class _Worker:
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
-                pipe.close()
+                with contextlib.suppress(OSError):  # a dead worker's unflushed request
+                    pipe.close()
 
 
 class Verifier:

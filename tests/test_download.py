@@ -1,6 +1,7 @@
 """The downloader against a real HTTP server on 127.0.0.1 that injects faults."""
 
 import io
+import re
 import socket
 import struct
 import threading
@@ -51,6 +52,17 @@ class Faults(BaseHTTPRequestHandler):
         self.connection.close()
         self.close_connection = True
 
+    def _chunks(self, chunk, count, pause):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for _ in range(count):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+            time.sleep(pause)
+        self.wfile.write(b"0\r\n\r\n")
+
     def do_GET(self):
         hits = Faults.hits[self.path] = Faults.hits.get(self.path, 0) + 1
         path = self.path
@@ -87,6 +99,12 @@ class Faults(BaseHTTPRequestHandler):
             return self._send(302, b"", headers=[("Location", "file:///etc/passwd")])
         if path == "/loop.jpg":
             return self._send(302, b"", headers=[("Location", "/loop.jpg")])
+        if path == "/huge.jpg":  # says it is larger than any photo
+            return self._send(200, RED, length=10**12)
+        if path == "/endless.jpg":  # no length, a body that would not end (bounded here: 4 MB)
+            return self._chunks(RED + b"\0" * 65536, 64, pause=0)
+        if path == "/trickle.jpg":  # a byte at a time, each well within the read timeout
+            return self._chunks(b"\xff", 40, pause=0.1)
         if path == "/clip.mp4":
             return self._send(200, MP4, "video/mp4")
         return self._send(404, b"not found", "text/plain")
@@ -163,6 +181,25 @@ def test_each_fault_ends_in_the_right_row_and_the_rest_download(tmp_path, server
     assert not list((tmp_path / "media").glob(".*.tmp"))  # no temp file left behind
     assert tables.connect(tmp_path).execute(
         "SELECT count(*), count(DISTINCT media_id) FROM media").fetchone() == (len(CASES), len(CASES))
+
+
+def test_a_body_too_large_or_too_slow_is_refused_whatever_the_headers_say(tmp_path, server):
+    hostile = download.DownloadSettings(concurrency=4, timeout_s=0.5, retries=2, allow_private_network=True,
+                                        max_bytes=200_000, deadline_s=1.0)
+    names = ["huge", "endless", "trickle", "loop", "red"]
+    _queue(tmp_path, server, names)
+    result = download.download(tmp_path, ACCOUNT, hostile)
+    media = _media(tmp_path)
+    assert "download.max_bytes" in media["huge"][1] and "1,000,000,000,000" in media["huge"][1]
+    assert "download.max_bytes" in media["endless"][1]
+    assert "download.deadline_s" in media["trickle"][1]
+    assert int(re.search(r"after (\d+) bytes", media["trickle"][1])[1]) < 40  # cut before its end
+    assert "redirect loop" in media["loop"][1]
+    assert media["red"][0] == "done" and (result.done, result.failed) == (1, 4)
+    # refusals are not retried: what a server did on purpose it will do again
+    assert Faults.hits["/huge.jpg"] == Faults.hits["/endless.jpg"] == Faults.hits["/trickle.jpg"] == 1
+    assert not list((tmp_path / "media").glob(".*.tmp"))
+    assert download.download(tmp_path, ACCOUNT, hostile).done == 0  # a rerun: nothing left to do
 
 
 def test_rerun_downloads_nothing_and_writes_nothing(tmp_path, server):

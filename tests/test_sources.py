@@ -150,3 +150,30 @@ def test_cli_refuses_a_bad_since_date_and_a_stray_as(tmp_path, capsys):
     assert "scrape.since: expected a date like 2024-01-31" in capsys.readouterr().err
     assert main(["ingest", "nasa", "--as", "x", "--data-dir", str(tmp_path)]) == 2
     assert "--as names a folder or URL list" in capsys.readouterr().err
+
+
+def test_a_long_url_list_with_garbage_lines_queues_the_good_ones_and_names_the_bad_once(tmp_path, caplog):
+    garbage = ["not a url", "ftp://files.example/a.jpg", "javascript:alert(1)", "http://", "\x00\x01binary",
+               "https://[::1/broken.jpg", "   <html><body>", "mailto:me@example.com"]
+    lines, bad_lines = [], []
+    for i in range(10_000):
+        if i % 97 == 5:
+            lines.append(garbage[i % len(garbage)])
+            bad_lines.append(i + 1)
+        else:
+            lines.append(f"https://cdn.example/{i}.jpg")
+    listing = tmp_path / "long.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="clipgram.scrape"):
+        result = urls.scan(tmp_path / "data", "long", listing)
+    unique_garbage = len(set(lines[n - 1] for n in bad_lines))  # a repeated line is one entry
+    assert result.failed == unique_garbage and result.done == 10_000 - len(bad_lines) + unique_garbage
+    summary = [r.message for r in caplog.records if "not http(s) URLs" in r.message]
+    assert len(summary) == 1 and f"line {bad_lines[0]} " in summary[0]
+    con = tables.connect(tmp_path / "data")
+    rows = dict(con.execute("SELECT status, count(*) FROM media GROUP BY status").fetchall())
+    assert rows == {"pending": 10_000 - len(bad_lines), "failed": unique_garbage}
+    errors = [e for (e,) in con.execute("SELECT error FROM media WHERE status = 'failed'").fetchall()]
+    assert all(e.startswith("line ") and "long.txt" in e for e in errors)
+    assert urls.scan(tmp_path / "data", "long", listing).done == 0  # a rerun queues nothing
+    assert con.execute("SELECT count(*) FROM media").fetchone() == (10_000 - len(bad_lines) + unique_garbage,)

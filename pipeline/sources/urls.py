@@ -9,13 +9,18 @@ mapping names to URLs (the name becomes the caption).
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from pipeline import tables
 from pipeline.sources.folder import post_row, shortcode_for
 from pipeline.stages import StageResult
+
+log = logging.getLogger("clipgram.scrape")
 
 
 class BadUrlList(ValueError):
@@ -43,9 +48,10 @@ def read_url_list(path: Path) -> list[dict[str, Any]]:
                 {"url": url, "caption": name} for name, url in data.items()]
         if not isinstance(data, list):
             raise BadUrlList(f"{path}: expected a JSON list or object of URLs")
-        entries = [_entry(item, f"{path} item {i}") for i, item in enumerate(data)]
+        entries = [{**_entry(item, f"{path} item {i}"), "where": f"item {i}"}
+                   for i, item in enumerate(data)]
     else:
-        entries = [{"url": line.strip()} for line in text.splitlines()
+        entries = [{"url": line.strip(), "where": f"line {n}"} for n, line in enumerate(text.splitlines(), 1)
                    if line.strip() and not line.lstrip().startswith("#")]
     unique: dict[str, dict[str, Any]] = {}
     for entry in entries:
@@ -63,13 +69,27 @@ def _taken_at(value: Any) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` is no image URL (None when it may be one); the download stage checks the rest."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        return "not a valid URL"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "not an http(s) URL"
+    return None
+
+
 def scan(data_dir: Path, account: str, path: Path) -> StageResult:
-    """Queue the list's URLs not queued yet, as posts with one pending image each."""
+    """Queue the list's URLs not queued yet, as posts with one pending image each.
+
+    A line that is no http(s) URL is kept as a failed row saying which line and why
+    (nothing in the list is lost), and the scan names them all in one log line."""
     tables.check_partition_value(account)
     entries = read_url_list(path)
     known = {r[0] for r in tables.connect(data_dir).execute(
         "SELECT shortcode FROM posts WHERE account = ?", [account]).fetchall()}
-    posts, media = [], []
+    posts, media, bad = [], [], []
     for entry in entries:
         shortcode = shortcode_for(entry["url"], "u")
         if shortcode in known:
@@ -77,9 +97,16 @@ def scan(data_dir: Path, account: str, path: Path) -> StageResult:
         caption = entry.get("caption") if isinstance(entry.get("caption"), str) else None
         posts.append(post_row(account, shortcode, _taken_at(entry.get("taken_at")), caption,
                               entry["url"], "UrlImage"))
+        problem = url_problem(entry["url"])
+        if problem:
+            bad.append(f"{entry['where']} ({entry['url'][:60]!r})")
         media.append({"media_id": f"{shortcode}_0", "shortcode": shortcode, "position": 0,
-                      "url": entry["url"], "is_video": False, "status": "pending"})
+                      "url": entry["url"], "is_video": False, "status": "failed" if problem else "pending",
+                      "error": f"{entry['where']} of {path.name}: {problem}" if problem else None})
     tables.write_part(data_dir, tables.MEDIA, account, media)
     tables.write_part(data_dir, tables.POSTS, account, posts)
-    return StageResult("scrape", account, done=len(posts),
-                       note=f"{len(media)} images queued from {path.name}").log()
+    if bad:
+        log.warning("%s: %d entries are not http(s) URLs, kept as failed rows: %s%s", path.name, len(bad),
+                    ", ".join(bad[:10]), f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    return StageResult("scrape", account, done=len(posts), failed=len(bad),
+                       note=f"{len(media) - len(bad)} images queued from {path.name}").log()
