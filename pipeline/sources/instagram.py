@@ -9,6 +9,7 @@ recorded scrapes run the same extraction code.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import lzma
@@ -20,7 +21,7 @@ from typing import Any
 
 import instaloader
 import requests
-from instaloader import InstaloaderContext, Post, Profile
+from instaloader import InstaloaderContext, NodeIterator, Post, Profile
 
 from pipeline import tables
 from pipeline.sources import instagram_rows as rows
@@ -186,11 +187,40 @@ class Walk:
         return before
 
 
+# Profile.from_iphone_struct requires these of a timeline item's `user`; real timeline pages
+# (2024) carry `full_name` only under the item's `owner`, and instaloader raises KeyError.
+_USER_FIELDS = ("pk", "username", "is_private", "full_name", "profile_pic_url")
+
+
+def _timeline_post(context: InstaloaderContext, item: dict[str, Any]) -> Post:
+    """A logged-in timeline item as a Post, as instaloader makes it, with the item's `user`
+    completed from its `owner` where a field is missing. Costs no request."""
+    owner, user = item.get("owner") or {}, item.get("user") or {}
+    completed = {**{key: owner.get(key) for key in _USER_FIELDS}, **user}
+    return Post.from_iphone_struct(context, {**item, "user": completed})
+
+
+def live_posts(profile: Profile) -> Iterator[Post]:
+    """The profile's posts, newest first (pinned ones on top), one request per page.
+
+    Logged in, instaloader pages the iPhone timeline (12 items a page) and makes each
+    item a Post without a request; the rows read only those items
+    (`instagram_rows`). Logged out, instaloader 4.16 fetches each post by its
+    shortcode (`Post.from_shortcode`: the logged-out timeline nodes lack captions
+    and counts), one request per post on top of the pages.
+    """
+    posts = profile.get_posts()
+    context = profile._context  # noqa: SLF001 - the context the posts are fetched with
+    if context.is_logged_in and isinstance(posts, NodeIterator):
+        posts._node_wrapper = functools.partial(_timeline_post, context)  # noqa: SLF001
+    return iter(posts)
+
+
 def live_source(account: str, settings: ScrapeSettings) -> tuple[Profile, Iterator[Post]]:
     """The profile and its posts from Instagram, as the profile page lists them."""
     loader = session.loader_for(settings.session_user, settings.session_dir, settings.max_wait_s)
     profile = Profile.from_username(loader.context, account)
-    return profile, iter(profile.get_posts())
+    return profile, live_posts(profile)
 
 
 FLUSH_POSTS = 100  # posts per written part: a long first scrape keeps what it fetched
