@@ -188,7 +188,7 @@ def _store(tmp: Path, sha: str, data_dir: Path, check: verifier.Verifier) -> dic
     """Verify the temp file decodes, then move it into the content-addressed store."""
     try:
         info = check.verify(tmp)
-    except images.BadImage:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     size = tmp.stat().st_size
