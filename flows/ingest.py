@@ -88,7 +88,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
         ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
-            settings = rerun.retrying_captions(settings)
+            settings = rerun.retrying_failed_rows(settings)
         with cluster.stage_runner(cfg) as run:
             return _run_stages(run, cfg, settings, run_id, account, todo, recorded, source)
 

@@ -29,7 +29,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import bench_odd_images, bench_rerun, bench_search, demo, download, images, loader, synthetic, tables
+from pipeline import (
+    bench_odd_images,
+    bench_rerun,
+    bench_search,
+    demo,
+    download,
+    images,
+    loader,
+    synthetic,
+    tables,
+)
 from pipeline.caption import caption
 from pipeline.config import load_config
 from pipeline.embed import embed

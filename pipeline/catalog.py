@@ -54,7 +54,8 @@ def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
         "profiles": tables.latest_sql(tables.PROFILES, data_dir, root),
         "embeddings": (
             f"SELECT sha256, model, embedding::FLOAT[{dim}] AS embedding "
-            f"FROM ({tables.scan_sql(tables.EMBEDDINGS, data_dir, root, clip_id)})"
+            f"FROM ({tables.scan_sql(tables.EMBEDDINGS, data_dir, root, clip_id)}) "
+            "WHERE embedding IS NOT NULL"
             if clip_id else tables.scan_sql(tables.EMBEDDINGS, data_dir, root, "none")),
         "captions": (
             "SELECT sha256, model, caption FROM "

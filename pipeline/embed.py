@@ -24,4 +24,9 @@ def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | No
     return inference.run(
         data_dir, "embed", account, tables.EMBEDDINGS, encoder.id, encoder.preprocess, rows,
         device=encoder.device, settings=loader.loader_settings(cfg, "embed", encoder.device),
-        part_rows=cfg.embed.part_rows)
+        part_rows=cfg.embed.part_rows, failed_row=failed, retry_failed=cfg.embed.retry_failed)
+
+
+def failed(error: str) -> dict[str, Any]:
+    """The row of an image that could not be embedded (it decoded at download, not here)."""
+    return {"embedding": None, "error": error}

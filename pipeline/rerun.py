@@ -49,11 +49,12 @@ def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
     return [stage] if only else list(STAGES[STAGES.index(stage):])
 
 
-def retrying_captions(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """`settings` with [caption] retry_failed on: captions are rows, not a queue, so the
-    stage itself takes up the images whose rows record an error. A changed setting also
-    changes the stage's input fingerprint: the ledger does not skip it."""
-    return {**settings, "caption": {**settings["caption"], "retry_failed": True}}
+def retrying_failed_rows(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`settings` with [embed] and [caption] retry_failed on: embeddings and captions are
+    rows, not a queue, so each stage itself takes up the images whose rows record an error.
+    A changed setting also changes the stage's input fingerprint: the ledger does not skip it."""
+    return {**settings, **{section: {**settings[section], "retry_failed": True}
+                           for section in ("embed", "caption")}}
 
 
 def requeue_failed(data_dir: Path, account: str) -> int:

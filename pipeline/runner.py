@@ -71,7 +71,9 @@ def inputs(cfg: Config, account: str, stage: str) -> Callable[[], str] | None:
     }.get(stage)
     if globs is None:
         return None
-    settings = (vars(cfg.models), vars(cfg.caption)) if stage != "download" else ()
+    # what each stage's output depends on besides its inputs (embed: its retry_failed too)
+    settings = {"download": (), "embed": (vars(cfg.models), vars(cfg.embed))}.get(
+        stage, (vars(cfg.models), vars(cfg.caption)))
     return lambda: tables.fingerprint(cfg.data_dir, globs, *settings)
 
 

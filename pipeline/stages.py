@@ -60,7 +60,8 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
     cap = tables.latest_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
     rows = [dict(zip((*STATUS_COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
-        emb AS (SELECT DISTINCT sha256 FROM ({emb})),
+        emb AS (SELECT sha256, bool_or(embedding IS NOT NULL) AS ok, any_value(error) AS error
+                FROM ({emb}) GROUP BY sha256),
         cap AS (SELECT sha256, any_value(error) AS error FROM ({cap}) GROUP BY sha256),
         counts(account, stage, done, pending, failed, last_error) AS (
         SELECT account, 'scrape', count(*), 0, 0, NULL FROM posts GROUP BY account
@@ -70,7 +71,8 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
                max_by(error, updated_at) FILTER (status = 'failed')
         FROM media GROUP BY account
         UNION ALL
-        SELECT account, 'embed', count(emb.sha256), count(*) - count(emb.sha256), 0, NULL
+        SELECT account, 'embed', count(*) FILTER (emb.ok), count(*) - count(emb.sha256),
+               count(*) FILTER (NOT emb.ok), any_value(emb.error) FILTER (NOT emb.ok)
         FROM images LEFT JOIN emb USING (sha256) GROUP BY account
         UNION ALL
         SELECT account, 'caption', count(cap.sha256) FILTER (cap.error IS NULL),

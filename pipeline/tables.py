@@ -106,7 +106,8 @@ PROFILES = Table("profiles", "account", ("account",), pa.schema([
 
 EMBEDDINGS = Table("embeddings", "model", ("model", "sha256"), pa.schema([
     ("sha256", pa.string()),
-    ("embedding", pa.list_(pa.float32())),
+    ("embedding", pa.list_(pa.float32())),  # NULL when the image could not be embedded:
+    ("error", pa.string()),                 # … and why
     ("updated_at", TS),
 ]))
 
@@ -215,15 +216,17 @@ def scan_sql(table: Table, data_dir: Path, root: str, value: str | None = None) 
     (an absolute path, or "." for views resolved against the data directory).
     """
     pattern = f"{root}/tables/{table.name}/{table.parts(value)}"
-    if any(table.dir(data_dir).glob(table.parts(value))):
-        return (
-            f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
-            f"hive_types = {{'{table.partition}': VARCHAR}}, union_by_name = true)"
-        )
-    # read_parquet fails on a glob with no files: an empty table of the right shape instead
     columns = [f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in table.schema]
     columns.append(f"NULL::VARCHAR AS {table.partition}")
-    return f"SELECT {', '.join(columns)} WHERE false"
+    empty = f"SELECT {', '.join(columns)} WHERE false"
+    if any(table.dir(data_dir).glob(table.parts(value))):
+        # by name with the empty table: a column added since older parts were written is there, NULL
+        return (
+            f"(SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+            f"hive_types = {{'{table.partition}': VARCHAR}}, union_by_name = true)) "
+            f"UNION ALL BY NAME ({empty})"
+        )
+    return empty  # read_parquet fails on a glob with no files: an empty table of the right shape
 
 
 def latest_sql(table: Table, data_dir: Path, root: str, value: str | None = None) -> str:

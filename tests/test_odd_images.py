@@ -4,10 +4,10 @@ a reason, and nothing stops the stage. The list is tests/image_sample.txt; `make
 the whole corpus."""
 
 import pytest
+from realdata import sample_dir
 
 from pipeline import bench_odd_images, images
 from pipeline.sources import folder
-from realdata import sample_dir
 
 
 @pytest.fixture(scope="module")

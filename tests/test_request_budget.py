@@ -13,10 +13,10 @@ from urllib.parse import parse_qs
 import pytest
 import requests
 from instaloader import Instaloader, Profile
+from realdata import SAMPLES
 
 from pipeline import tables
 from pipeline.sources import instagram
-from realdata import SAMPLES
 
 PAGES = SAMPLES / "instagram_pages" / "crawlinsta_anasaiaofficial_2024"
 pytestmark = pytest.mark.skipif(not PAGES.is_dir(), reason=f"recorded pages absent at {PAGES}")

@@ -86,7 +86,7 @@ def stored_vectors(data_dir: Path, model: str, account: str | None = None
     where = "WHERE m.account = ?" if account else ""
     rows = con.execute(f"""
         SELECT e.sha256, e.embedding FROM ({emb}) e
-        WHERE e.sha256 IN (SELECT m.sha256 FROM media m {where} {'AND' if where else 'WHERE'} m.status = 'done')
+        WHERE e.embedding IS NOT NULL AND e.sha256 IN (SELECT m.sha256 FROM media m {where} {'AND' if where else 'WHERE'} m.status = 'done')
         ORDER BY e.sha256""", [account] if account else []).fetchall()
     if not rows:
         return [], np.zeros((0, 0), dtype=np.float32)

@@ -8,8 +8,10 @@ mapping names to URLs (the name becomes the caption).
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,21 @@ def _entry(item: Any, where: str) -> dict[str, Any]:
     raise BadUrlList(f"{where}: expected a URL or an object with a \"url\", got {item!r:.80}")
 
 
+# byte-order marks: Windows tools write UTF-16 (PowerShell's `echo … >> list.txt`) or UTF-8 with one
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _decoded(path: Path) -> str:
+    """The file's text: UTF-8, or the encoding its byte-order mark names; undecodable bytes
+    replaced (they make that line's URL fail, not the list)."""
+    raw = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
+    return raw.decode(encoding, errors="replace")
+
+
 def read_url_list(path: Path) -> list[dict[str, Any]]:
     """The entries of a URL list, each a dict with at least `url`; duplicates dropped."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decoded(path)
     if text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
@@ -69,6 +83,9 @@ def _taken_at(value: Any) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+")  # a name (IDNA as punycode), IPv4 or IPv6
+
+
 def url_problem(url: str) -> str | None:
     """Why `url` is no image URL (None when it may be one); the download stage checks the rest."""
     try:
@@ -77,6 +94,12 @@ def url_problem(url: str) -> str | None:
         return "not a valid URL"
     if parsed.scheme not in ("http", "https") or not parsed.host:
         return "not an http(s) URL"
+    if not _HOST.fullmatch(parsed.host):  # httpx percent-encodes what no host may hold
+        return f"not a valid host name: {parsed.host!r}"
+    if len(url.split()) > 1 and sum(part.startswith(("http://", "https://")) for part in url.split()) > 1:
+        return "several URLs on one line"
+    if "\ufffd" in url:
+        return "bytes that are not text in this line"
     return None
 
 
