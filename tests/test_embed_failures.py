@@ -36,3 +36,21 @@ def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
     assert embed.embed(cfg.data_dir, "a", retry, encoder).done == 1
     status = {r["stage"]: r for r in stages.status(cfg.data_dir, encoder.id, None)}["embed"]
     assert (status["done"], status["failed"]) == (4, 0)
+
+
+def test_parts_written_before_the_error_column_still_read(make_config, as_downloaded, sample_paths, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import inference
+
+    cfg = make_config(tmp_path / "data")
+    as_downloaded(cfg, sample_paths[:2], "a")
+    old = pa.schema([f for f in tables.EMBEDDINGS.schema if f.name != "error"])
+    part = tables.EMBEDDINGS.dir(cfg.data_dir) / "model=m" / "part-old.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"sha256": f"{0:064x}", "embedding": [1.0, 0.0]}], schema=old), part)
+    assert [sha for sha, _ in inference.pending(cfg.data_dir, tables.EMBEDDINGS, "m", "a", retry_failed=True)] \
+        == [f"{1:064x}"]
+    status = {r["stage"]: r for r in stages.status(cfg.data_dir, "m", None)}["embed"]
+    assert (status["done"], status["pending"], status["failed"]) == (1, 1, 0)

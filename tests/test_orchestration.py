@@ -263,7 +263,7 @@ def test_retry_failed_captions_again_the_images_whose_captioning_failed(
     ingest_account(A, cfg.as_dict(), stages_to_run=["embed", "caption", "publish"])
     status = _status(cfg)
     assert status["caption"]["failed"] == 1 and status["caption"]["done"] == 2
-    assert status["embed"]["pending"] == 1  # embed records nothing for it: it stays pending
+    assert (status["embed"]["failed"], status["embed"]["pending"]) == (1, 0)  # a row saying why
 
     stored.write_bytes(good)  # e.g. the disk restored from a backup
     capsys.readouterr()
