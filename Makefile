@@ -22,13 +22,13 @@ test: setup        ## the offline test suite
 	$(PY) -m pytest -q
 
 bench: setup       ## throughput figures, written to bench/results.json
-	$(PY) -m pipeline.bench
+	$(PY) -m clipgram.bench
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline flows tests
 
 sample: setup      ## re-render pipeline/demo_profile (deterministic)
-	$(PY) -m pipeline.demo
+	$(PY) -m clipgram.demo
 
 # Chromium for tests/test_report_browser.py. Installs only as root with apt-get (CI); elsewhere it
 # says so and succeeds: those tests then skip, the rest of `make test` is unaffected.

@@ -1,6 +1,6 @@
 """The ingest DAG: scrape → download → embed → caption → publish.
 
-Flows stay thin: every task calls one plain function of `pipeline`, and tasks
+Flows stay thin: every task calls one plain function of `clipgram`, and tasks
 take ids, paths and plain settings (never models or connections), so Prefect
 can retry, schedule and show them. Idempotency comes from the stages
 themselves (each computes its own to-do list from the tables), not from
@@ -27,9 +27,9 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from pipeline import cluster, ledger, rerun, runner, stages, storage  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.lock import account_lock  # noqa: E402
+from clipgram import cluster, ledger, rerun, runner, stages, storage  # noqa: E402
+from clipgram.config import Config, load_config  # noqa: E402
+from clipgram.lock import account_lock  # noqa: E402
 
 Settings = dict[str, dict[str, Any]]
 log = logging.getLogger("clipgram.ingest")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import (
+from clipgram import (
     bench_odd_images,
     bench_rerun,
     bench_search,
@@ -40,13 +40,13 @@ from pipeline import (
     synthetic,
     tables,
 )
-from pipeline.caption import caption
-from pipeline.config import load_config
-from pipeline.embed import embed
-from pipeline.models import captioner as captioner_mod
-from pipeline.models import clip as clip_mod
-from pipeline.models import pick_device
-from pipeline.models.resolve import Resolved
+from clipgram.caption import caption
+from clipgram.config import load_config
+from clipgram.embed import embed
+from clipgram.models import captioner as captioner_mod
+from clipgram.models import clip as clip_mod
+from clipgram.models import pick_device
+from clipgram.models.resolve import Resolved
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline import runner, tables
-from pipeline.config import Config, load_config
+from clipgram import runner, tables
+from clipgram.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES") or REPO.parent / "shared" / "samples")
@@ -44,7 +44,7 @@ def failure_kind(error: str) -> str:
 
 def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
     """Ingest `folder` twice (scrape → download → embed → caption) and report what became of it."""
-    from pipeline.sources import folder as folder_source
+    from clipgram.sources import folder as folder_source
 
     files, other = folder_source.image_files(folder)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench_rerun`: how long a rerun takes when nothing has changed.
+"""`python -m clipgram.bench_rerun`: how long a rerun takes when nothing has changed.
 
 An account of 1,000 images (a folder source) is ingested through the Prefect
 flow, then ingested again. The second run has nothing to do: every stage after
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import synthetic, tables
-from pipeline.config import load_config
+from clipgram import synthetic, tables
+from clipgram.config import load_config
 
 ACCOUNT = "bench-rerun"
 
@@ -34,7 +34,7 @@ def _settings(data_dir: Path) -> dict[str, Any]:
 
 
 def run(images: int = 1000, side: int = 96) -> dict[str, Any]:
-    from flows.ingest import ingest_account  # Prefect is slow to import: only when run
+    from clipgram.flows.ingest import ingest_account  # Prefect is slow to import: only when run
 
     with tempfile.TemporaryDirectory(prefix="clipgram-bench-rerun-") as work:
         source = Path(work) / ACCOUNT

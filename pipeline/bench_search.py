@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench_search`: text→image top-k over 100k and 1M stored vectors.
+"""`python -m clipgram.bench_search`: text→image top-k over 100k and 1M stored vectors.
 
 Measures clipgram's own code path: random unit vectors are written through
 `search.write_matrix` (what `publish` uses) and scored by `search.VectorIndex.top`
@@ -33,8 +33,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from pipeline import catalog
-from pipeline.search import VectorIndex, write_matrix
+from clipgram import catalog
+from clipgram.search import VectorIndex, write_matrix
 
 DIM = 512
 K = 10

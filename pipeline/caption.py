@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from pipeline import inference, loader, tables
-from pipeline.models import captioner
-from pipeline.stages import StageResult
+from clipgram import inference, loader, tables
+from clipgram.models import captioner
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.caption")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import duckdb
 
-from pipeline import storage, tables
-from pipeline.analysis import store
-from pipeline.stages import StageResult
+from clipgram import storage, tables
+from clipgram.analysis import store
+from clipgram.stages import StageResult
 
 CATALOG = "catalog.duckdb"
 # The models the catalog was last published with. Beside the data, not in the catalog: a
@@ -122,7 +122,7 @@ def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerpr
                    FROM images i JOIN embeddings e USING (sha256)""")
     if not dim:
         return None
-    from pipeline.search import write_matrix  # search imports catalog: import here
+    from clipgram.search import write_matrix  # search imports catalog: import here
 
     relative = f"{INDEX_DIR}/{fingerprint[:16]}.npy"
     count = con.execute("SELECT count(*) FROM search_rows").fetchone()[0]
@@ -246,7 +246,7 @@ def _encode_text(model: str, text: str) -> list[float]:
 
 @lru_cache(maxsize=64)
 def _encode_image(model: str, path: str) -> list[float]:
-    from pipeline import images
+    from clipgram import images
 
     encoder = _UDF_ENCODER[model]
     pixels = encoder.preprocess(images.load_rgb(Path(path).expanduser())).unsqueeze(0)

@@ -11,15 +11,15 @@ from typing import Any
 
 import duckdb
 
-from pipeline import catalog, report, search, stages, storage
-from pipeline.analysis.labels import LabelError
-from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
-from pipeline.lock import AccountBusy
-from pipeline.models import clip
-from pipeline.models.resolve import WeightsUnavailable
-from pipeline.sources.instagram import RecordedDataIncomplete
-from pipeline.sources.session import ScrapeError
-from pipeline.sources.urls import BadUrlList
+from clipgram import catalog, report, search, stages, storage
+from clipgram.analysis.labels import LabelError
+from clipgram.config import CONFIG_DIR, Config, ConfigError, load_config
+from clipgram.lock import AccountBusy
+from clipgram.models import clip
+from clipgram.models.resolve import WeightsUnavailable
+from clipgram.sources.instagram import RecordedDataIncomplete
+from clipgram.sources.session import ScrapeError
+from clipgram.sources.urls import BadUrlList
 
 log = logging.getLogger("clipgram")
 
@@ -68,7 +68,7 @@ def _format(args: argparse.Namespace) -> str:
 def run_ingest(cfg: Config, account: str, recorded: Path | None, source: Path | None = None,
                stages_to_run: list[str] | None = None,
                retry_failed: bool = False) -> list[stages.StageResult]:
-    from flows.ingest import ingest_account  # Prefect is slow to import: only when needed
+    from clipgram.flows.ingest import ingest_account  # Prefect is slow to import: only when needed
 
     return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None,
                           str(source) if source else None, stages_to_run=stages_to_run,
@@ -83,7 +83,7 @@ def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipeline import sources, tables
+    from clipgram import sources, tables
 
     cfg = _config(args)
     sources.parse_since(cfg.scrape.since)  # a bad date fails before any work starts
@@ -106,7 +106,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from pipeline.sources import session
+    from clipgram.sources import session
 
     cfg = _config(args)
     path = session.login(args.user, cfg.scrape.session_dir)
@@ -194,7 +194,7 @@ def _stored_model(cfg: Config) -> str:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from pipeline.analysis import labels
+    from clipgram.analysis import labels
 
     cfg = _config(args)
     if args.action == "define":
@@ -220,7 +220,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 def _publish_and_show(cfg: Config, args: argparse.Namespace, sql: str) -> None:
     """Publish the derived table just written, then print `sql`'s rows for the command's scope."""
-    from pipeline.analysis import store
+    from clipgram.analysis import store
 
     catalog.republish(cfg.data_dir)
     relation = catalog.connect(cfg.data_dir).execute(sql, [args.account or store.ALL_ACCOUNTS])
@@ -228,7 +228,7 @@ def _publish_and_show(cfg: Config, args: argparse.Namespace, sql: str) -> None:
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
-    from pipeline.analysis import clusters
+    from clipgram.analysis import clusters
 
     cfg = _config(args)
     k = None if args.k == "auto" else int(args.k)
@@ -241,7 +241,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from pipeline.analysis import projection
+    from clipgram.analysis import projection
 
     cfg = _config(args)
     page = args.html or args.out.with_suffix(".html")
@@ -252,7 +252,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace) -> int:
-    from pipeline.analysis import duplicates
+    from clipgram.analysis import duplicates
 
     cfg = _config(args)
     threshold = args.threshold if args.threshold is not None else cfg.analysis.duplicate_threshold
@@ -279,7 +279,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from pipeline import rerun
+    from clipgram import rerun
 
     cfg = _config(args)
     rows = _status(cfg)
@@ -299,7 +299,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline import schedule
+    from clipgram import schedule
 
     cfg = _config(args)
     accounts = schedule.load_accounts(args.accounts)
@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline import demo
+    from clipgram import demo
 
     cfg = _config(args, default_file=CONFIG_DIR / "demo.toml")
     with demo.serve(demo.SAMPLE_DIR) as base_url:

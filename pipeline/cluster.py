@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from pipeline.config import Config, ConfigError
+from clipgram.config import Config, ConfigError
 
 log = logging.getLogger("clipgram.cluster")
 

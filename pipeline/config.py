@@ -14,9 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-from pipeline import storage
+from clipgram import storage
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The settings the package ships: clipgram/configs in an installed wheel; configs/ beside the
+# source in a checkout (an editable install maps the package onto pipeline/ there).
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = next(d for d in (_HERE / "configs", _HERE.parent / "configs") if (d / "default.toml").is_file())
 DEFAULT_FILE = CONFIG_DIR / "default.toml"
 ENV_PREFIX = "CLIPGRAM_"
 

@@ -6,7 +6,7 @@ structure, one Post structure per post (single images, a carousel, a video)
 and the images. Its URLs point at RECORDED_BASE; the demo serves the images on
 127.0.0.1 and rewrites that prefix in a copy, so the real download path runs.
 
-Rebuild the sample with `python -m pipeline.demo` (deterministic).
+Rebuild the sample with `python -m clipgram.demo` (deterministic).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import instaloader
 
-from pipeline import synthetic
-from pipeline.sources.instagram import offline_context
+from clipgram import synthetic
+from clipgram.sources.instagram import offline_context
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "demo_profile"
 ACCOUNT = "clipgram.demo"

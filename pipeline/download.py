@@ -31,8 +31,8 @@ from typing import Any, BinaryIO
 import httpx
 from tqdm import tqdm
 
-from pipeline import images, storage, tables, verifier
-from pipeline.stages import StageResult
+from clipgram import images, storage, tables, verifier
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.download")
 

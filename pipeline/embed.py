@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from pipeline import inference, loader, tables
-from pipeline.models import clip
-from pipeline.stages import StageResult
+from clipgram import inference, loader, tables
+from clipgram.models import clip
+from clipgram.stages import StageResult
 
 
 def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | None = None) -> StageResult:

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import loader, storage, tables
-from pipeline.lock import partition_lock
-from pipeline.stages import StageResult
+from clipgram import loader, storage, tables
+from clipgram.lock import partition_lock
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.inference")
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage, tables
-from pipeline.stages import StageResult
+from clipgram import storage, tables
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.ledger")
 

@@ -36,7 +36,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from pipeline import images
+from clipgram import images
 
 log = logging.getLogger("clipgram.loader")
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ContextManager
 
-from pipeline import tables
+from clipgram import tables
 
 log = logging.getLogger("clipgram.lock")
 

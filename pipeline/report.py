@@ -12,8 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from pipeline import storage
-from pipeline.search import Hit
+from clipgram import storage
+from clipgram.search import Hit
 
 
 def _plain(value: Any) -> Any:

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import tables
-from pipeline.stages import STAGES
+from clipgram import tables
+from clipgram.stages import STAGES
 
 log = logging.getLogger("clipgram.rerun")
 

@@ -13,13 +13,13 @@ import httpx
 import requests
 from instaloader import exceptions as ig
 
-from pipeline import catalog, download, ledger, stages, storage, tables
-from pipeline.caption import caption
-from pipeline.config import Config
-from pipeline.embed import embed
-from pipeline.models import captioner, clip
-from pipeline.sources import collect
-from pipeline.sources.session import ScrapeError
+from clipgram import catalog, download, ledger, stages, storage, tables
+from clipgram.caption import caption
+from clipgram.config import Config
+from clipgram.embed import embed
+from clipgram.models import captioner, clip
+from clipgram.sources import collect
+from clipgram.sources.session import ScrapeError
 
 # stages that talk to the network and may retry on transient errors; the others
 # fail the same way every time on the same input, so retrying only costs time

@@ -24,8 +24,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import tables
-from pipeline.config import Config, ConfigError, load_config
+from clipgram import tables
+from clipgram.config import Config, ConfigError, load_config
 
 SHORTHANDS = {"limit": ("scrape", "limit"), "clip_model": ("models", "clip"),
               "captioner": ("models", "captioner")}
@@ -121,7 +121,7 @@ def deployments(accounts: list[Account], cfg: Config) -> list[Any]:
     """One Prefect deployment of the ingest flow per account, with its schedule and settings."""
     from prefect.schedules import Cron, Interval
 
-    from flows.ingest import ingest_account  # Prefect is slow to import: only when needed
+    from clipgram.flows.ingest import ingest_account  # Prefect is slow to import: only when needed
 
     out = []
     for account in accounts:

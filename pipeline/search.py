@@ -32,8 +32,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from pipeline import catalog, images
-from pipeline.models import clip
+from clipgram import catalog, images
+from clipgram.models import clip
 
 RRF_K = 60
 RRF_POOL = 100

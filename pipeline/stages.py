@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import tables
+from clipgram import tables
 
 log = logging.getLogger("clipgram")
 

@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from clipgram import storage
 
 TS = pa.timestamp("us", tz="UTC")
 STALE_TEMP_S = 3600  # a hidden temp file this old was left by a killed run (writes take seconds)

@@ -25,12 +25,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import images
+from clipgram import images
 
 log = logging.getLogger("clipgram.verify")
-
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class VerifySettings:
@@ -43,11 +40,9 @@ class _Worker:
     """One decoding process and its pipes."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.verifier"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+            [sys.executable, "-m", "clipgram.verifier"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def ask(self, request: dict, deadline_s: float) -> dict | str:
         """The worker's answer, or why there is none ("deadline" or "crashed": the worker is gone)."""

@@ -14,14 +14,14 @@ MODEL_CACHE = pathlib.Path(os.environ.get(
 
 @pytest.fixture(scope="session")
 def tiny_clip_ckpt():
-    from pipeline.models import tiny
+    from clipgram.models import tiny
 
     return tiny.ensure_checkpoint(tiny.TINY_CLIP, MODEL_CACHE)
 
 
 @pytest.fixture(scope="session")
 def tiny_coca_ckpt():
-    from pipeline.models import tiny
+    from clipgram.models import tiny
 
     return tiny.ensure_checkpoint(tiny.TINY_COCA, MODEL_CACHE)
 
@@ -29,7 +29,7 @@ def tiny_coca_ckpt():
 @pytest.fixture(scope="session")
 def sample_paths():
     """The sample profile's JPEGs, in name order."""
-    from pipeline import demo
+    from clipgram import demo
 
     return sorted((demo.SAMPLE_DIR / "images").glob("*.jpg"))
 
@@ -46,7 +46,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def sample_site():
     """The embedded sample profile's images served over real HTTP on 127.0.0.1."""
-    from pipeline import demo
+    from clipgram import demo
 
     with demo.serve(demo.SAMPLE_DIR) as base_url:
         yield base_url
@@ -55,7 +55,7 @@ def sample_site():
 @pytest.fixture
 def recorded(tmp_path, sample_site):
     """A copy of the sample profile's instaloader JSON pointing at the local server."""
-    from pipeline import demo
+    from clipgram import demo
 
     return demo.materialize(tmp_path / "recorded", sample_site)
 
@@ -63,7 +63,7 @@ def recorded(tmp_path, sample_site):
 @pytest.fixture(scope="session")
 def make_config(tiny_clip_ckpt, tiny_coca_ckpt):
     """Settings for a test: the given data dir, the offline models, the CPU."""
-    from pipeline.config import load_config
+    from clipgram.config import load_config
 
     def make(data_dir, **sections):
         overrides = {"data": {"dir": str(data_dir)},
@@ -83,8 +83,8 @@ def make_config(tiny_clip_ckpt, tiny_coca_ckpt):
 def ingested_sample(prefect_harness, make_config, sample_site, tmp_path_factory):
     """The sample profile ingested once for the search and analysis tests (they only add
     derived tables, which each test that needs them writes itself)."""
-    from flows.ingest import ingest_account
-    from pipeline import demo
+    from clipgram import demo
+    from clipgram.flows.ingest import ingest_account
 
     recorded = demo.materialize(tmp_path_factory.mktemp("recorded-shared"), sample_site)
     cfg = make_config(tmp_path_factory.mktemp("data-shared"))
@@ -95,7 +95,7 @@ def ingested_sample(prefect_harness, make_config, sample_site, tmp_path_factory)
 @pytest.fixture(scope="session")
 def as_downloaded():
     """Write media rows for image files as the download stage leaves them (sha256 = their index)."""
-    from pipeline import tables
+    from clipgram import tables
 
     def write(cfg, paths, account):
         tables.write_part(cfg.data_dir, tables.MEDIA, account, [

@@ -13,9 +13,6 @@ or a lost machine) the Nth time it reaches POINT:
 import os
 import signal
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's pipeline
 
 
 def kill_on(owner: object, name: str, nth: int, matches=lambda *a, **k: True,
@@ -40,8 +37,8 @@ def main() -> int:
     point, nth, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     import pyarrow.parquet as pq
 
-    from pipeline import catalog, cli, download
-    from pipeline.models import clip
+    from clipgram import catalog, cli, download
+    from clipgram.models import clip
 
     if point == "download":
         kill_on(download, "_store", nth)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline import catalog, tables
+from clipgram import catalog, tables
 
 
 def snapshot(data_dir: Path) -> dict:

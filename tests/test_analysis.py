@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import catalog, tables
-from pipeline.analysis import clusters, store
-from pipeline.cli import main
-from pipeline.models import clip
+from clipgram import catalog, tables
+from clipgram.analysis import clusters, store
+from clipgram.cli import main
+from clipgram.models import clip
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from pipeline import bench_search
-from pipeline.search import VectorIndex
+from clipgram import bench_search
+from clipgram.search import VectorIndex
 
 N = 2000
 

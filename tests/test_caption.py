@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import synthetic, tables
-from pipeline.caption import caption
-from pipeline.config import ConfigError, load_config
-from pipeline.models import cached_coca, captioner, resolve, tiny
+from clipgram import synthetic, tables
+from clipgram.caption import caption
+from clipgram.config import ConfigError, load_config
+from clipgram.models import cached_coca, captioner, resolve, tiny
 
 
 @pytest.fixture

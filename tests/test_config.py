@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from clipgram.config import ConfigError, load_config
 
 
 def test_defaults_env_and_overrides_layer_in_order(tmp_path):
@@ -55,8 +55,8 @@ def test_auto_keys_take_auto_or_their_type(environ, expected):
 
 @pytest.mark.parametrize("value, expected", [("auto", None), ("0.25", 0.25), ("1", 1.0)])
 def test_the_gpu_share_reaches_the_loader(value, expected):
-    from pipeline import loader
-    from pipeline.models import pick_device
+    from clipgram import loader
+    from clipgram.models import pick_device
 
     cfg = load_config(environ={"CLIPGRAM_DECODE_GPU_SHARE": value})
     assert loader.loader_settings(cfg, "embed", pick_device("cpu")).gpu_share == expected

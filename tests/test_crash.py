@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from snapshots import snapshot as _snapshot
 
-from flows.ingest import ingest_account
-from pipeline import catalog, demo, stages, tables
+from clipgram import catalog, demo, stages, tables
+from clipgram.flows.ingest import ingest_account
 
 ROOT = Path(__file__).resolve().parent.parent
 A = demo.ACCOUNT

@@ -13,9 +13,9 @@ import pytest
 from distributed import LocalCluster
 from snapshots import snapshot
 
-from flows.ingest import ingest_account, ingest_accounts
-from pipeline import demo, stages, tables
-from pipeline.config import ConfigError
+from clipgram import demo, stages, tables
+from clipgram.config import ConfigError
+from clipgram.flows.ingest import ingest_account, ingest_accounts
 
 A = demo.ACCOUNT
 B = "sample-folder"  # the sample's own images as a folder: every image is also one of A's
@@ -79,7 +79,7 @@ def test_a_failing_account_does_not_stop_the_others_and_fails_the_run_naming_it(
     """With the default runner: the accounts' fetch threads, and the error handling, are the same."""
     import random
 
-    from pipeline import synthetic
+    from clipgram import synthetic
 
     rng = random.Random(5)
     folder = tmp_path / "scenes"

@@ -4,8 +4,8 @@ import json
 import re
 from html.parser import HTMLParser
 
-from pipeline import demo
-from pipeline.cli import main
+from clipgram import demo
+from clipgram.cli import main
 
 
 class _Images(HTMLParser):

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from pipeline import download, tables
+from clipgram import download, tables
 
 ACCOUNT = "faults"
 

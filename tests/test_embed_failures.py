@@ -3,8 +3,8 @@ counts it, search never sees it, and a retry takes it up again once the file is 
 
 import shutil
 
-from pipeline import catalog, embed, stages, tables
-from pipeline.models import clip
+from clipgram import catalog, embed, stages, tables
+from clipgram.models import clip
 
 
 def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
@@ -42,7 +42,7 @@ def test_parts_written_before_the_error_column_still_read(make_config, as_downlo
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import inference
+    from clipgram import inference
 
     cfg = make_config(tmp_path / "data")
     as_downloaded(cfg, sample_paths[:2], "a")

@@ -2,7 +2,7 @@
 import pytest
 from PIL import Image
 
-from pipeline import images
+from clipgram import images
 
 
 def _save(path, img, **kw):

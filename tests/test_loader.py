@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import images, loader
-from pipeline.models import clip, pick_device
+from clipgram import images, loader
+from clipgram.models import clip, pick_device
 
 
 @pytest.fixture(scope="module")

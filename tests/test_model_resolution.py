@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.models import load, resolve, tiny
+from clipgram.models import load, resolve, tiny
 
 DEFAULT = "ViT-B-32:laion2b_s34b_b79k"
 REPO = "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
@@ -148,7 +148,7 @@ def test_an_hf_hub_model_with_a_hugging_face_tokenizer_gets_it_by_its_hub_id(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
 def test_no_gpu_means_the_cpu_and_one_log_line(caplog):
-    from pipeline.models import pick_device
+    from clipgram.models import pick_device
 
     with caplog.at_level(logging.INFO, logger="clipgram.models"):
         assert pick_device("auto") == torch.device("cpu")

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from flows.ingest import ingest_account
-from pipeline import catalog, cli, demo, storage, tables
+from clipgram import catalog, cli, demo, storage, tables
+from clipgram.flows.ingest import ingest_account
 
 BUCKET = "clipgram-test"
 

@@ -6,8 +6,8 @@ the whole corpus."""
 import pytest
 from realdata import sample_dir
 
-from pipeline import bench_odd_images, images
-from pipeline.sources import folder
+from clipgram import bench_odd_images, images
+from clipgram.sources import folder
 
 
 @pytest.fixture(scope="module")

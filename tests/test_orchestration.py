@@ -12,11 +12,11 @@ import time
 import pytest
 from prefect import flow, task
 
-from flows.ingest import ingest_account, network_options
-from pipeline import catalog, demo, ledger, rerun, stages, tables
-from pipeline.cli import main
-from pipeline.lock import AccountBusy, account_lock
-from pipeline.stages import StageResult
+from clipgram import catalog, demo, ledger, rerun, stages, tables
+from clipgram.cli import main
+from clipgram.flows.ingest import ingest_account, network_options
+from clipgram.lock import AccountBusy, account_lock
+from clipgram.stages import StageResult
 
 A = demo.ACCOUNT
 MISSING = "CgDemo0003.jpg"  # a single-image post of the sample

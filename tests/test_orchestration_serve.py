@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import schedule
-from pipeline.config import ConfigError
+from clipgram import schedule
+from clipgram.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCOUNTS = """
@@ -119,7 +119,7 @@ def test_serve_registers_one_scheduled_deployment_per_account(prefect_harness, a
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--accounts", str(accounts_file),
+        [sys.executable, "-m", "clipgram.cli", "serve", "--accounts", str(accounts_file),
          "--data-dir", str(tmp_path / "data")], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

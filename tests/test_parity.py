@@ -9,10 +9,10 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline import images, loader, tables
-from pipeline.bench import _render_jpeg
-from pipeline.embed import embed
-from pipeline.models import clip, pick_device
+from clipgram import images, loader, tables
+from clipgram.bench import _render_jpeg
+from clipgram.embed import embed
+from clipgram.models import clip, pick_device
 
 
 def _tiny_encoder(cfg, precision):

@@ -2,9 +2,9 @@
 
 import threading
 
-from pipeline import inference, tables
-from pipeline.embed import embed
-from pipeline.models import clip
+from clipgram import inference, tables
+from clipgram.embed import embed
+from clipgram.models import clip
 
 
 def test_concurrent_accounts_sharing_images_embed_each_once(make_config, as_downloaded, sample_paths, tmp_path,

@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from flows.ingest import ingest_account
-from pipeline import catalog, demo, search, stages, tables
-from pipeline.cli import main
-from pipeline.models import clip
-from pipeline.sources import instagram
+from clipgram import catalog, demo, search, stages, tables
+from clipgram.cli import main
+from clipgram.flows.ingest import ingest_account
+from clipgram.models import clip
+from clipgram.sources import instagram
 
 
 @pytest.fixture(scope="module")

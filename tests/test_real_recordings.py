@@ -10,9 +10,9 @@ import pytest
 from instaloader import Post
 from realdata import point_at, sample_dir, sample_sets, serve_cdn
 
-from flows.ingest import ingest_accounts
-from pipeline import tables
-from pipeline.sources import instagram
+from clipgram import tables
+from clipgram.flows.ingest import ingest_accounts
+from clipgram.sources import instagram
 
 SETS = sample_sets("instaloader")
 pytestmark = pytest.mark.skipif(not SETS, reason="real instaloader samples absent (tests/SAMPLES.md)")

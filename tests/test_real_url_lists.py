@@ -9,8 +9,8 @@ import re
 import pytest
 from realdata import sample_dir, sample_sets, serve_cdn
 
-from pipeline import download, tables
-from pipeline.sources import urls
+from clipgram import download, tables
+from clipgram.sources import urls
 
 LISTS = sample_sets("urls")
 pytestmark = pytest.mark.skipif(not LISTS, reason="real URL lists absent (tests/SAMPLES.md)")

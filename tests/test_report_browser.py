@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pipeline.cli import main
+from clipgram.cli import main
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 pytestmark = pytest.mark.skipif(

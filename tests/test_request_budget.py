@@ -15,8 +15,8 @@ import requests
 from instaloader import Instaloader, Profile
 from realdata import SAMPLES
 
-from pipeline import tables
-from pipeline.sources import instagram
+from clipgram import tables
+from clipgram.sources import instagram
 
 PAGES = SAMPLES / "instagram_pages" / "crawlinsta_anasaiaofficial_2024"
 pytestmark = pytest.mark.skipif(not PAGES.is_dir(), reason=f"recorded pages absent at {PAGES}")

@@ -14,8 +14,8 @@ import pytest
 import requests
 from instaloader import exceptions as ig
 
-from pipeline import demo, tables
-from pipeline.sources import instagram, session
+from clipgram import demo, tables
+from clipgram.sources import instagram, session
 
 ACCOUNT = "shapes.daily"
 OWNER = {"id": "777", "username": ACCOUNT}

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import catalog, search
-from pipeline.cli import main
-from pipeline.models import clip
+from clipgram import catalog, search
+from clipgram.cli import main
+from clipgram.models import clip
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_query_arithmetic_is_the_weighted_sum(env, tmp_path):
     terms = search.parse_query(f'"2:a yellow square" - "a black circle" + {image}')
     assert [(t.kind, t.weight) for t in terms] == [("text", 2.0), ("text", -1.0), ("image", 1.0)]
     _, hits = search.search(con, cfg.data_dir, terms, k=5, encoder=encoder)
-    from pipeline import images as img
+    from clipgram import images as img
     query = (2 * encoder.encode_text(["a yellow square"])[0] - encoder.encode_text(["a black circle"])[0]
              + encoder.encode_images(encoder.preprocess(img.load_rgb(cfg.data_dir / path)).unsqueeze(0))[0])
     query /= np.linalg.norm(query)

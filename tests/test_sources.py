@@ -5,11 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-from flows.ingest import ingest_account
-from pipeline import catalog, download, search, synthetic, tables
-from pipeline.cli import main
-from pipeline.models import clip
-from pipeline.sources import folder, urls
+from clipgram import catalog, download, search, synthetic, tables
+from clipgram.cli import main
+from clipgram.flows.ingest import ingest_account
+from clipgram.models import clip
+from clipgram.sources import folder, urls
 
 SETTINGS = download.DownloadSettings(concurrency=2, timeout_s=5, retries=1, allow_private_network=True)
 

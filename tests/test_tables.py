@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipeline import tables
+from clipgram import tables
 
 
 def test_latest_row_per_key_wins(tmp_path):
@@ -51,7 +51,7 @@ def test_partition_values_are_checked(value):
 
 
 def test_a_run_starts_by_removing_temp_files_killed_runs_left(tmp_path):
-    from pipeline import ledger
+    from clipgram import ledger
 
     part = tables.write_part(tmp_path, tables.EMBEDDINGS, "m", [{"sha256": "a" * 64, "embedding": [1.0]}])
     old = part.parent / f".{part.name}.dead.tmp"     # a killed run's, hours ago

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from pipeline import synthetic
-from pipeline.models import captioner, clip, resolve, tiny
+from clipgram import synthetic
+from clipgram.models import captioner, clip, resolve, tiny
 
 HELD_OUT = [s for s in synthetic.all_scenes() if tiny.is_held_out(s)]
 # fresh renders of trained scenes: one scene of every (colour, shape) pair

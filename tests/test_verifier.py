@@ -7,7 +7,7 @@ import signal
 import pytest
 from PIL import Image
 
-from pipeline import images, verifier
+from clipgram import images, verifier
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import catalog
-from pipeline.analysis import store
-from pipeline.stages import StageResult
+from clipgram import catalog
+from clipgram.analysis import store
+from clipgram.stages import StageResult
 
 SILHOUETTE_SAMPLE = 2000    # silhouette is O(n²): score a fixed sample beyond this
 _WORD = re.compile(r"[a-z][a-z0-9_]{2,}")

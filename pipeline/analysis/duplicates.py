@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import catalog
-from pipeline.analysis import store
-from pipeline.stages import StageResult
+from clipgram import catalog
+from clipgram.analysis import store
+from clipgram.stages import StageResult
 
 BLOCK = 4096   # rows of the similarity matrix computed at once: memory stays at BLOCK × n floats
 

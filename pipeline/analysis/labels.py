@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage, tables
-from pipeline.analysis import store
-from pipeline.config import CONFIG_DIR
-from pipeline.stages import StageResult
+from clipgram import storage, tables
+from clipgram.analysis import store
+from clipgram.config import CONFIG_DIR
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram")
 

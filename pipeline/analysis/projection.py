@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import catalog, images, storage
-from pipeline.analysis import store
-from pipeline.stages import StageResult
+from clipgram import catalog, images, storage
+from clipgram.analysis import store
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram")
 

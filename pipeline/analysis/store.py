@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from pipeline import tables
+from clipgram import tables
 
 ALL_ACCOUNTS = "_all_accounts"  # scope of results computed across every account
 

@@ -33,7 +33,7 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
     """Build (model, preprocess, tokenizer) for a `resolve.Resolved`, in eval mode."""
     import open_clip
 
-    from pipeline.models import tiny
+    from clipgram.models import tiny
 
     tiny.register_configs()
     kwargs = dict(resolved.preprocess)

@@ -11,8 +11,8 @@ from typing import Any
 import open_clip
 import torch
 
-from pipeline.models import autocast, cached_coca, load, pick_device, resolve, tiny
-from pipeline.models.clip import model_cache_dir
+from clipgram.models import autocast, cached_coca, load, pick_device, resolve, tiny
+from clipgram.models.clip import model_cache_dir
 
 log = logging.getLogger("clipgram.models")
 

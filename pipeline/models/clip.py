@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import autocast, load, pick_device, resolve, tiny
+from clipgram.models import autocast, load, pick_device, resolve, tiny
 
 
 class ClipEncoder:

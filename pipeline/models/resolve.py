@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import open_clip
 from open_clip.pretrained import download_pretrained_from_hf
 
-from pipeline.models import tiny
+from clipgram.models import tiny
 
 log = logging.getLogger("clipgram.models")
 

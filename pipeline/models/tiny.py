@@ -22,7 +22,7 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from pipeline import synthetic
+from clipgram import synthetic
 
 log = logging.getLogger("clipgram.models")
 

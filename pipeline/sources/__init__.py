@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import download
-from pipeline.config import Config, ConfigError
-from pipeline.sources import folder, instagram, urls
-from pipeline.stages import StageResult
+from clipgram import download
+from clipgram.config import Config, ConfigError
+from clipgram.sources import folder, instagram, urls
+from clipgram.stages import StageResult
 
 
 def parse_since(value: str) -> datetime | None:

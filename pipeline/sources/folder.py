@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import download, tables
-from pipeline.stages import StageResult
+from clipgram import download, tables
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 

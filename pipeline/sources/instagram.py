@@ -23,10 +23,10 @@ import instaloader
 import requests
 from instaloader import InstaloaderContext, NodeIterator, Post, Profile
 
-from pipeline import tables
-from pipeline.sources import instagram_rows as rows
-from pipeline.sources import session
-from pipeline.stages import StageResult
+from clipgram import tables
+from clipgram.sources import instagram_rows as rows
+from clipgram.sources import session
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 

@@ -19,7 +19,7 @@ import instaloader
 from instaloader import InstaloaderContext, RateController
 from instaloader import exceptions as ig
 
-from pipeline import lock
+from clipgram import lock
 
 log = logging.getLogger("clipgram.scrape")
 

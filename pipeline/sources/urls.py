@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from pipeline import tables
-from pipeline.sources.folder import post_row, shortcode_for
-from pipeline.stages import StageResult
+from clipgram import tables
+from clipgram.sources.folder import post_row, shortcode_for
+from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 
