@@ -22,10 +22,10 @@ test: setup        ## the offline test suite
 	$(PY) -m pytest -q
 
 bench: setup       ## throughput figures, written to bench/results.json
-	$(PY) -m clipgram.bench
+	$(PY) -m bench
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline flows tests
+	$(VENV)/bin/ruff check pipeline flows tests bench
 
 sample: setup      ## re-render pipeline/demo_profile (deterministic)
 	$(PY) -m clipgram.demo

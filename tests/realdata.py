@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from clipgram.bench_odd_images import SAMPLES
+from bench.odd_images import SAMPLES
 
 
 def sample_dir(kind: str) -> Path:

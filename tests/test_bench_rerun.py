@@ -1,6 +1,6 @@
 """The no-op rerun benchmark measures what it says: a second run that skips every stage."""
 
-from clipgram import bench_rerun
+from bench import rerun as bench_rerun
 
 
 def test_the_second_run_skips_every_stage_after_the_scan(prefect_harness, tiny_clip_ckpt, tiny_coca_ckpt):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from clipgram import bench_search
+from bench import search as bench_search
 from clipgram.search import VectorIndex
 
 N = 2000

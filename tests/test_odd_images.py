@@ -6,7 +6,8 @@ the whole corpus."""
 import pytest
 from realdata import sample_dir
 
-from clipgram import bench_odd_images, images
+from bench import odd_images as bench_odd_images
+from clipgram import images
 from clipgram.sources import folder
 
 

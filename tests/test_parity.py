@@ -9,8 +9,8 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
+from bench.throughput import _render_jpeg
 from clipgram import images, loader, tables
-from clipgram.bench import _render_jpeg
 from clipgram.embed import embed
 from clipgram.models import clip, pick_device
 

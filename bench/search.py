@@ -1,4 +1,4 @@
-"""`python -m clipgram.bench_search`: text→image top-k over 100k and 1M stored vectors.
+"""`python -m bench.search`: text→image top-k over 100k and 1M stored vectors.
 
 Measures clipgram's own code path: random unit vectors are written through
 `search.write_matrix` (what `publish` uses) and scored by `search.VectorIndex.top`

@@ -1,4 +1,4 @@
-"""`python -m clipgram.bench_rerun`: how long a rerun takes when nothing has changed.
+"""`python -m bench.rerun`: how long a rerun takes when nothing has changed.
 
 An account of 1,000 images (a folder source) is ingested through the Prefect
 flow, then ingested again. The second run has nothing to do: every stage after

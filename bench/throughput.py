@@ -29,17 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipgram import (
-    bench_odd_images,
-    bench_rerun,
-    bench_search,
-    demo,
-    download,
-    images,
-    loader,
-    synthetic,
-    tables,
-)
+from bench import odd_images as bench_odd_images
+from bench import rerun as bench_rerun
+from bench import search as bench_search
+from clipgram import demo, download, images, loader, synthetic, tables
 from clipgram.caption import caption
 from clipgram.config import load_config
 from clipgram.embed import embed
