@@ -18,13 +18,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from clipgram import runner, tables
+from clipgram import dag, tables
 from clipgram.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES") or REPO.parent / "shared" / "samples")
 SAMPLE_LIST = REPO / "tests" / "image_sample.txt"
-STAGES = ("scrape", "download", "embed", "caption")
+STAGES = dag.ordered(["scrape", "download", "embed", "caption"])
 
 
 def copy_listed(corpus: Path, listing: Path, dest: Path) -> Path:
@@ -48,12 +48,12 @@ def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
 
     files, other = folder_source.image_files(folder)
     started = time.perf_counter()
-    first = {stage: runner.WORK[stage](cfg, account, (None, folder)) for stage in STAGES}
+    first = {stage.name: stage.run(cfg, account, (None, str(folder))) for stage in STAGES}
     seconds = time.perf_counter() - started
     con = tables.connect(cfg.data_dir)
     rows_after_first = con.execute("SELECT count(*) FROM media").fetchone()[0]
     for stage in STAGES:
-        runner.WORK[stage](cfg, account, (None, folder))
+        stage.run(cfg, account, (None, str(folder)))
     con = tables.connect(cfg.data_dir)
     done, failed, embedded, captioned = con.execute("""
         SELECT count(*) FILTER (status = 'done'), count(*) FILTER (status = 'failed'),

@@ -27,9 +27,10 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from clipgram import cluster, ledger, rerun, runner, stages, storage  # noqa: E402
+from clipgram import cluster, dag, ledger, rerun, runner, storage  # noqa: E402
 from clipgram.config import Config, load_config  # noqa: E402
 from clipgram.lock import account_lock  # noqa: E402
+from clipgram.result import StageResult  # noqa: E402
 
 Settings = dict[str, dict[str, Any]]
 log = logging.getLogger("clipgram.ingest")
@@ -41,7 +42,7 @@ def _config(settings: Settings) -> Config:
 
 @task(task_run_name="{stage}-{account}")
 def stage_task(stage: str, run_id: str, account: str, settings: Settings,
-               recorded: str | None = None, source: str | None = None) -> stages.StageResult:
+               recorded: str | None = None, source: str | None = None) -> StageResult:
     return runner.run_stage(_config(settings), run_id, account, stage, recorded, source)
 
 
@@ -59,10 +60,10 @@ def network_options(cfg: Config) -> dict[str, Any]:
 
 def _run_stages(run: cluster.RunTask, cfg: Config, settings: Settings, run_id: str, account: str,
                 stages_to_run: list[str], recorded: str | None, source: str | None
-                ) -> list[stages.StageResult]:
+                ) -> list[StageResult]:
     """The stages in order, one at a time (each reads what the last wrote), each where `run` puts it."""
     network = stage_task.with_options(**network_options(cfg))
-    return [run(network if stage in runner.NETWORK_STAGES else stage_task, stage,
+    return [run(network if dag.stage(stage).network else stage_task, stage,
                 {"stage": stage, "run_id": run_id, "account": account, "settings": settings,
                  "recorded": recorded, "source": source})
             for stage in stages_to_run]
@@ -71,7 +72,7 @@ def _run_stages(run: cluster.RunTask, cfg: Config, settings: Settings, run_id: s
 @flow(name="ingest-account")
 def ingest_account(account: str, settings: Settings | None = None, recorded: str | None = None,
                    source: str | None = None, stages_to_run: list[str] | None = None,
-                   retry_failed: bool = False) -> list[stages.StageResult]:
+                   retry_failed: bool = False) -> list[StageResult]:
     """Ingest one account: Instagram (live, or recorded instaloader JSON in `recorded`),
     or a folder of images or a URL list file (`source`) under the name `account`.
 
@@ -81,7 +82,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
     """
     settings = settings or load_config().as_dict()
     cfg = _config(settings)
-    todo = rerun.check_stages(stages_to_run or list(stages.STAGES))
+    todo = [s.name for s in dag.ordered(stages_to_run or list(dag.NAMES))]
     run_id = flow_run.get_id() or uuid.uuid4().hex
     with account_lock(cfg.data_dir, account, cfg.orchestration.lock_wait_s):
         storage.pull(cfg.data_dir)  # an object-store data dir: start from what the store holds
@@ -96,7 +97,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
 @flow(name="ingest-accounts")
 def ingest_accounts(accounts: list[str], settings: Settings | None = None,
                     recorded: dict[str, str] | None = None, sources: dict[str, str] | None = None,
-                    stages_to_run: list[str] | None = None) -> dict[str, list[stages.StageResult]]:
+                    stages_to_run: list[str] | None = None) -> dict[str, list[StageResult]]:
     """Ingest several accounts in one run, spreading what may run at once over the workers.
 
     Scrape and download run for every account at the same time: each writes
@@ -112,9 +113,9 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
         raise ValueError("ingest_accounts needs at least one account")
     settings = settings or load_config().as_dict()
     cfg = _config(settings)
-    todo = rerun.check_stages(stages_to_run or list(stages.STAGES))
+    todo = [s.name for s in dag.ordered(stages_to_run or list(dag.NAMES))]
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    results: dict[str, list[stages.StageResult]] = {account: [] for account in accounts}
+    results: dict[str, list[StageResult]] = {account: [] for account in accounts}
     errors: dict[str, BaseException] = {}
 
     def run_account(run: cluster.RunTask, account: str, part: list[str]) -> None:
@@ -135,7 +136,7 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
         for account in accounts:
             ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
         run = held.enter_context(cluster.stage_runner(cfg))
-        fetch = [stage for stage in todo if stage in runner.NETWORK_STAGES]
+        fetch = [stage for stage in todo if dag.stage(stage).network]
         with ThreadPoolExecutor(len(accounts), thread_name_prefix="fetch") as pool:
             # each thread gets its own copy of the flow run's context, which Prefect tasks need
             for account in accounts:

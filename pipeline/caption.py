@@ -10,7 +10,7 @@ import torch
 
 from clipgram import inference, loader, tables
 from clipgram.models import captioner
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.caption")
 

@@ -23,7 +23,7 @@ import duckdb
 
 from clipgram import storage, tables
 from clipgram.analysis import store
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 CATALOG = "catalog.duckdb"
 # The models the catalog was last published with. Beside the data, not in the catalog: a

@@ -11,12 +11,13 @@ from typing import Any
 
 import duckdb
 
-from clipgram import catalog, report, search, stages, storage
+from clipgram import catalog, dag, report, search, status, storage
 from clipgram.analysis.labels import LabelError
 from clipgram.config import CONFIG_DIR, Config, ConfigError, load_config
 from clipgram.lock import AccountBusy
 from clipgram.models import clip
 from clipgram.models.resolve import WeightsUnavailable
+from clipgram.result import StageResult
 from clipgram.sources.instagram import RecordedDataIncomplete
 from clipgram.sources.session import ScrapeError
 from clipgram.sources.urls import BadUrlList
@@ -67,7 +68,7 @@ def _format(args: argparse.Namespace) -> str:
 
 def run_ingest(cfg: Config, account: str, recorded: Path | None, source: Path | None = None,
                stages_to_run: list[str] | None = None,
-               retry_failed: bool = False) -> list[stages.StageResult]:
+               retry_failed: bool = False) -> list[StageResult]:
     from clipgram.flows.ingest import ingest_account  # Prefect is slow to import: only when needed
 
     return ingest_account(account, cfg.as_dict(), str(recorded) if recorded else None,
@@ -75,7 +76,7 @@ def run_ingest(cfg: Config, account: str, recorded: Path | None, source: Path | 
                           retry_failed=retry_failed)
 
 
-def _print_results(cfg: Config, results: list[stages.StageResult]) -> None:
+def _print_results(cfg: Config, results: list[StageResult]) -> None:
     report.print_rows(["stage", "done", "failed", "note"],
                       [[r.stage, r.done, r.failed, r.note] for r in results])
     meta = catalog.meta(catalog.connect(cfg.data_dir))
@@ -268,12 +269,12 @@ def _status(cfg: Config) -> list[dict]:
     if (cfg.data_dir / catalog.CATALOG).exists():
         meta = catalog.meta(catalog.connect(cfg.data_dir))
         clip_id, captioner_id = meta.get("clip_model"), meta.get("captioner")
-    return stages.status(cfg.data_dir, clip_id, captioner_id)
+    return status.rows(cfg.data_dir, clip_id, captioner_id)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     rows = _status(_config(args))
-    columns = list(stages.STATUS_COLUMNS)
+    columns = list(status.COLUMNS)
     report.print_rows(columns, [[r[c] for c in columns] for r in rows], _format(args))
     return 0
 
@@ -441,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rerun", parents=[common, fetching],
                        help="rerun failed or pending stages of an account")
     p.add_argument("--account", required=True)
-    p.add_argument("--stage", choices=stages.STAGES,
+    p.add_argument("--stage", choices=dag.NAMES,
                    help="first stage to rerun (default: the first with pending or failed work)")
     p.add_argument("--only", action="store_true", help="just that stage, not the ones after it")
     p.set_defaults(func=cmd_rerun)

@@ -20,12 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+from clipgram import dag
 from clipgram.config import Config, ConfigError
 
 log = logging.getLogger("clipgram.cluster")
-
-# stages that load a model onto the device
-MODEL_STAGES = ("embed", "caption")
 
 # run(task, stage, parameters) -> the task's result; raises what the task raised
 RunTask = Callable[[Any, str, dict[str, Any]], Any]
@@ -63,7 +61,7 @@ def _api_url() -> str:
 def _resources(cfg: Config, stage: str) -> Any:
     """The Dask annotation a stage's task is submitted under."""
     name = cfg.orchestration.dask_gpu_resource
-    if not name or stage not in MODEL_STAGES:
+    if not name or not dag.stage(stage).gpu:
         return nullcontext()
     import dask
 

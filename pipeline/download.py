@@ -32,7 +32,7 @@ import httpx
 from tqdm import tqdm
 
 from clipgram import images, storage, tables, verifier
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.download")
 

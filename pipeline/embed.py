@@ -9,7 +9,7 @@ import torch
 
 from clipgram import inference, loader, tables
 from clipgram.models import clip
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 
 def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | None = None) -> StageResult:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clipgram import loader, storage, tables
 from clipgram.lock import partition_lock
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.inference")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipgram import storage, tables
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.ledger")
 
@@ -42,8 +42,8 @@ def _last_finished(data_dir: Path, account: str, stage: str) -> dict[str, Any] |
     return dict(zip(("status", "inputs", "run_id"), row)) if row else None
 
 
-def run_stage(data_dir: Path, run_id: str, account: str, stage: str,
-              work: Callable[[], StageResult], inputs: Callable[[], str] | None = None) -> StageResult:
+def record(data_dir: Path, run_id: str, account: str, stage: str,
+           work: Callable[[], StageResult], inputs: Callable[[], str] | None = None) -> StageResult:
     """Run `work` as one recorded attempt of `stage`.
 
     With `inputs` (a fingerprint function), the attempt is skipped when the

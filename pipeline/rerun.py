@@ -10,24 +10,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from clipgram import tables
-from clipgram.stages import STAGES
+from clipgram import dag, tables
 
 log = logging.getLogger("clipgram.rerun")
-
-
-def check_stages(names: list[str]) -> list[str]:
-    """`names` in DAG order; ValueError naming the valid stages for an unknown one."""
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage {', '.join(unknown)}: one of {', '.join(STAGES)}")
-    return [s for s in STAGES if s in names]
 
 
 def first_unfinished(status_rows: list[dict], account: str, retry_failed: bool = False) -> str | None:
     """The earliest stage of `account` with work left: its last run failed or was
     interrupted, or items are pending (or failed, when retrying them). None: all done."""
-    for stage in STAGES:
+    for stage in dag.NAMES:
         for row in status_rows:
             if row["account"] != account or row["stage"] != stage:
                 continue
@@ -45,8 +36,8 @@ def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
         stage = first_unfinished(status_rows, account, retry_failed)
         if stage is None:
             return []
-    check_stages([stage])
-    return [stage] if only else list(STAGES[STAGES.index(stage):])
+    dag.stage(stage)  # an unknown name: ValueError naming the stages
+    return [stage] if only else list(dag.NAMES[dag.NAMES.index(stage):])
 
 
 def retrying_failed_rows(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from snapshots import snapshot as _snapshot
 
-from clipgram import catalog, demo, stages, tables
+from clipgram import catalog, demo, status, tables
 from clipgram.flows.ingest import ingest_account
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(
     assert con().execute("SELECT count(*) FILTER (status = 'done') FROM media").fetchone() == (0,)
     assert 0 < sum(1 for _ in (data / "media").rglob("*.jpg")) < images
     # status knows the killed process is gone
-    assert {r["stage"]: r["last_run"] for r in stages.status(data, None, None)}["download"] == "interrupted"
+    assert {r["stage"]: r["last_run"] for r in status.rows(data, None, None)}["download"] == "interrupted"
 
     _kill_at("embed", 3, cfg, recorded)
     _readers_see_whole_files(data)

@@ -13,7 +13,7 @@ import pytest
 from distributed import LocalCluster
 from snapshots import snapshot
 
-from clipgram import demo, stages, tables
+from clipgram import dag, demo, tables
 from clipgram.config import ConfigError
 from clipgram.flows.ingest import ingest_account, ingest_accounts
 
@@ -46,8 +46,8 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
                                   sources={B: folder})
         executed = [w.state.executed_count for w in dask_cluster.workers.values()]
     assert {a: [r.stage for r in rs] for a, rs in results.items()} == {
-        A: list(stages.STAGES), B: list(stages.STAGES)}
-    assert sum(executed) == 2 * len(stages.STAGES)  # every stage ran on a worker, none in the flow
+        A: list(dag.NAMES), B: list(dag.NAMES)}
+    assert sum(executed) == 2 * len(dag.NAMES)  # every stage ran on a worker, none in the flow
     (a_start, a_end), (b_start, b_end) = _span(cfg.data_dir, A), _span(cfg.data_dir, B)
     assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
@@ -64,7 +64,7 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
     cfg.orchestration.dask_processes = False
     cfg.orchestration.dask_gpu_resource = ""
     again = ingest_account(A, cfg.as_dict(), str(recorded))
-    assert [r.stage for r in again] == list(stages.STAGES)
+    assert [r.stage for r in again] == list(dag.NAMES)
     assert sum(r.done for r in again) == 0
     assert snapshot(cfg.data_dir) == actual
 

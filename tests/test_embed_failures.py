@@ -3,7 +3,7 @@ counts it, search never sees it, and a retry takes it up again once the file is 
 
 import shutil
 
-from clipgram import catalog, embed, stages, tables
+from clipgram import catalog, embed, status, tables
 from clipgram.models import clip
 
 
@@ -23,9 +23,9 @@ def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
     ).fetchall()
     failed = [r for r in rows if r[1]]
     assert len(rows) == 4 and len(failed) == 1 and "truncated" in failed[0][2]
-    status = {r["stage"]: r for r in stages.status(cfg.data_dir, encoder.id, None)}["embed"]
-    assert (status["done"], status["pending"], status["failed"]) == (3, 0, 1)
-    assert "truncated" in status["last_error"]
+    stage_rows = {r["stage"]: r for r in status.rows(cfg.data_dir, encoder.id, None)}["embed"]
+    assert (stage_rows["done"], stage_rows["pending"], stage_rows["failed"]) == (3, 0, 1)
+    assert "truncated" in stage_rows["last_error"]
     assert embed.embed(cfg.data_dir, "a", cfg, encoder).done == 0  # a plain rerun: nothing to do
 
     catalog.publish(cfg.data_dir, encoder.id, encoder.dim, None)
@@ -34,8 +34,8 @@ def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
     shutil.copyfile(sample_paths[0], broken)
     retry = make_config(tmp_path / "data", decode={"workers": 0}, embed={"retry_failed": True})
     assert embed.embed(cfg.data_dir, "a", retry, encoder).done == 1
-    status = {r["stage"]: r for r in stages.status(cfg.data_dir, encoder.id, None)}["embed"]
-    assert (status["done"], status["failed"]) == (4, 0)
+    stage_rows = {r["stage"]: r for r in status.rows(cfg.data_dir, encoder.id, None)}["embed"]
+    assert (stage_rows["done"], stage_rows["failed"]) == (4, 0)
 
 
 def test_parts_written_before_the_error_column_still_read(make_config, as_downloaded, sample_paths, tmp_path):
@@ -52,5 +52,5 @@ def test_parts_written_before_the_error_column_still_read(make_config, as_downlo
     pq.write_table(pa.Table.from_pylist([{"sha256": f"{0:064x}", "embedding": [1.0, 0.0]}], schema=old), part)
     assert [sha for sha, _ in inference.pending(cfg.data_dir, tables.EMBEDDINGS, "m", "a", retry_failed=True)] \
         == [f"{1:064x}"]
-    status = {r["stage"]: r for r in stages.status(cfg.data_dir, "m", None)}["embed"]
-    assert (status["done"], status["pending"], status["failed"]) == (1, 1, 0)
+    stage_rows = {r["stage"]: r for r in status.rows(cfg.data_dir, "m", None)}["embed"]
+    assert (stage_rows["done"], stage_rows["pending"], stage_rows["failed"]) == (1, 1, 0)

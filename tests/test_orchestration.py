@@ -12,11 +12,11 @@ import time
 import pytest
 from prefect import flow, task
 
-from clipgram import catalog, demo, ledger, rerun, stages, tables
+from clipgram import catalog, dag, demo, ledger, rerun, status, tables
 from clipgram.cli import main
 from clipgram.flows.ingest import ingest_account, network_options
 from clipgram.lock import AccountBusy, account_lock
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 A = demo.ACCOUNT
 MISSING = "CgDemo0003.jpg"  # a single-image post of the sample
@@ -43,7 +43,7 @@ def _fetch_args(cfg):
 
 
 def _status(cfg):
-    return {r["stage"]: r for r in stages.status(cfg.data_dir, *_published_ids(cfg))}
+    return {r["stage"]: r for r in status.rows(cfg.data_dir, *_published_ids(cfg))}
 
 
 def _published_ids(cfg):
@@ -113,7 +113,7 @@ def test_failed_stage_shows_in_status_and_reruns_then_failed_media_retry(
     capsys.readouterr()
     assert main(["status", "--json", *_cli_base(good)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["stage"] for r in rows} == set(stages.STAGES)
+    assert {r["stage"] for r in rows} == set(dag.NAMES)
     assert all(r["pending"] == r["failed"] == 0 for r in rows)
 
 
@@ -185,9 +185,9 @@ def test_ledger_records_attempts_marks_dead_ones_and_compacts(tmp_path):
         return StageResult("embed", A, done=2, failed=1)
 
     for i in range(6):
-        ledger.run_stage(data, f"run{i}", A, "embed", work)
+        ledger.record(data, f"run{i}", A, "embed", work)
     with pytest.raises(OSError, match="disk full"):
-        ledger.run_stage(data, "run6", A, "embed", lambda: (_ for _ in ()).throw(OSError("disk full")))
+        ledger.record(data, "run6", A, "embed", lambda: (_ for _ in ()).throw(OSError("disk full")))
     # a process that died mid-stage leaves its `running` row behind
     tables.write_part(data, tables.RUNS, A, [{
         "attempt_id": "dead", "run_id": "run7", "stage": "caption", "status": "running",
@@ -219,17 +219,17 @@ def test_unchanged_inputs_skip_a_stage_until_they_change(tmp_path):
     def inputs() -> str:
         return tables.fingerprint(data, [f"media/{tables.MEDIA.parts(A)}"])
 
-    first = ledger.run_stage(data, "r1", A, "download", work, inputs)
-    second = ledger.run_stage(data, "r2", A, "download", work, inputs)
+    first = ledger.record(data, "r1", A, "download", work, inputs)
+    second = ledger.record(data, "r2", A, "download", work, inputs)
     assert first.done == 1 and second.note.startswith("skipped") and len(calls) == 1
     tables.write_part(data, tables.MEDIA, A, [{"media_id": "x_0", "status": "pending"}])
-    ledger.run_stage(data, "r3", A, "download", work, inputs)
+    ledger.record(data, "r3", A, "download", work, inputs)
     assert len(calls) == 2
 
 
 def test_rerun_plan():
     rows = [{"account": A, "stage": s, "pending": 0, "failed": 0, "last_run": "completed"}
-            for s in stages.STAGES]
+            for s in dag.NAMES]
     assert rerun.plan(rows, A, None, False, False) == []
     assert rerun.plan(rows, A, "embed", False, False) == ["embed", "caption", "publish"]
     assert rerun.plan(rows, A, "embed", True, False) == ["embed"]
@@ -239,7 +239,7 @@ def test_rerun_plan():
     rows[3]["last_run"] = "interrupted"
     assert rerun.plan(rows, A, None, False, False)[0] == "caption"
     with pytest.raises(ValueError, match="one of scrape"):
-        rerun.check_stages(["embedd"])
+        dag.ordered(["embedd"])
 
 
 def test_rerun_of_an_unknown_account_says_to_ingest_it_first(make_config, tmp_path, capsys):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from clipgram import catalog, demo, search, stages, tables
+from clipgram import catalog, dag, demo, search, status, tables
 from clipgram.cli import main
 from clipgram.flows.ingest import ingest_account
 from clipgram.models import clip
@@ -35,7 +35,7 @@ def test_every_stage_runs_and_fills_its_table(ingested, recorded_copy):
     cfg, results = ingested
     posts = instagram.load_recorded(recorded_copy).posts
     images = sum(p.mediacount for p in posts)
-    assert [r.stage for r in results] == list(stages.STAGES)
+    assert [r.stage for r in results] == list(dag.NAMES)
     by_stage = {r.stage: r for r in results}
     assert by_stage["scrape"].done == len(posts)
     assert by_stage["download"].done == images and by_stage["download"].failed == 0
@@ -118,6 +118,6 @@ def test_cli_search_sql_and_status(ingested, capsys):
 def test_status_counts_pending_work(make_config, recorded, tmp_path):
     cfg = make_config(tmp_path / "data")
     instagram.scrape(cfg.data_dir, demo.ACCOUNT, recorded)
-    status = {r["stage"]: r for r in stages.status(cfg.data_dir, None, None)}
+    stage_rows = {r["stage"]: r for r in status.rows(cfg.data_dir, None, None)}
     images = tables.connect(cfg.data_dir).execute("SELECT count(*) FROM media").fetchone()[0]
-    assert status["download"]["pending"] == images and status["download"]["done"] == 0
+    assert stage_rows["download"]["pending"] == images and stage_rows["download"]["done"] == 0

@@ -12,7 +12,7 @@ import numpy as np
 
 from clipgram import catalog
 from clipgram.analysis import store
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 SILHOUETTE_SAMPLE = 2000    # silhouette is O(n²): score a fixed sample beyond this
 _WORD = re.compile(r"[a-z][a-z0-9_]{2,}")

@@ -9,7 +9,7 @@ import numpy as np
 
 from clipgram import catalog
 from clipgram.analysis import store
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 BLOCK = 4096   # rows of the similarity matrix computed at once: memory stays at BLOCK × n floats
 

@@ -20,7 +20,7 @@ import numpy as np
 from clipgram import storage, tables
 from clipgram.analysis import store
 from clipgram.config import CONFIG_DIR
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram")
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from clipgram import catalog, images, storage
 from clipgram.analysis import store
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from clipgram import download
 from clipgram.config import Config, ConfigError
+from clipgram.result import StageResult
 from clipgram.sources import folder, instagram, urls
-from clipgram.stages import StageResult
 
 
 def parse_since(value: str) -> datetime | None:

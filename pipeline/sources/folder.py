@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from clipgram import download, tables
-from clipgram.stages import StageResult
+from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 

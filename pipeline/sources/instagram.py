@@ -24,9 +24,9 @@ import requests
 from instaloader import InstaloaderContext, NodeIterator, Post, Profile
 
 from clipgram import tables
+from clipgram.result import StageResult
 from clipgram.sources import instagram_rows as rows
 from clipgram.sources import session
-from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from clipgram import tables
+from clipgram.result import StageResult
 from clipgram.sources.folder import post_row, shortcode_for
-from clipgram.stages import StageResult
 
 log = logging.getLogger("clipgram.scrape")
 

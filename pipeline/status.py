@@ -1,36 +1,15 @@
-"""What every stage reports, and where each account stands in each stage."""
+"""Where each account stands in each stage: done, pending and failed items, the last run."""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipgram import tables
+from clipgram.dag import NAMES
 
-log = logging.getLogger("clipgram")
-
-STAGES = ("scrape", "download", "embed", "caption", "publish")
-
-
-@dataclass
-class StageResult:
-    stage: str
-    account: str
-    done: int = 0       # items this run completed
-    failed: int = 0     # items this run recorded as failed
-    note: str = ""
-    details: dict = field(default_factory=dict)  # figures for benchmarks, not the ledger
-
-    def log(self) -> "StageResult":
-        extra = f" ({self.note})" if self.note else ""
-        log.info("%s %s: %d done, %d failed%s", self.stage, self.account, self.done, self.failed, extra)
-        return self
-
-
-STATUS_COLUMNS = ("account", "stage", "done", "pending", "failed", "last_run", "last_run_at",
+COLUMNS = ("account", "stage", "done", "pending", "failed", "last_run", "last_run_at",
                   "last_error")
 
 
@@ -47,7 +26,7 @@ def _alive(host: str | None, pid: int | None) -> bool:
     return True
 
 
-def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[dict]:
+def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[dict]:
     """Per account and stage: done / pending / failed items, the last run and the last error.
 
     `last_run` is the stage's latest attempt in the runs ledger (completed,
@@ -58,7 +37,7 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
     emb = tables.scan_sql(tables.EMBEDDINGS, data_dir, str(data_dir), clip_id or "none")
     # the newest row per image: a caption retried after a failure counts as done
     cap = tables.latest_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
-    rows = [dict(zip((*STATUS_COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
+    found = [dict(zip((*COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
         emb AS (SELECT sha256, bool_or(embedding IS NOT NULL) AS ok, any_value(error) AS error
                 FROM ({emb}) GROUP BY sha256),
@@ -84,10 +63,10 @@ def status(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> lis
         SELECT account, stage, coalesce(c.done, 0), coalesce(c.pending, 0), coalesce(c.failed, 0),
                l.status, l.at, coalesce(l.error, c.last_error), l.host, l.pid
         FROM counts c FULL JOIN last l USING (account, stage)
-        ORDER BY account, array_position({list(STAGES)}, stage)
+        ORDER BY account, array_position({list(NAMES)}, stage)
     """).fetchall()]
-    for row in rows:
+    for row in found:
         host, pid = row.pop("host"), row.pop("pid")
         if row["last_run"] == "running" and not _alive(host, pid):
             row["last_run"] = "interrupted"
-    return rows
+    return found

@@ -1,0 +1,99 @@
+"""The DAG, declared once: the five stages in order, each a small typed record.
+
+The flow (which tasks retry), the runner (what a stage runs and when it may be
+skipped), reruns (which stages come after which), the Dask runner (which tasks
+need a GPU) and `clipgram status` (the order of its rows) all read `DAG`. Adding
+a stage is one entry here plus its module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipgram import catalog, download, tables
+from clipgram.caption import caption
+from clipgram.config import Config
+from clipgram.embed import embed
+from clipgram.models import captioner, clip
+from clipgram.result import StageResult
+from clipgram.sources import collect
+
+# where scrape reads from: (recorded instaloader JSON dir, folder or URL list); both None: Instagram
+Origin = tuple[str | None, str | None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config, str, Origin], StageResult]
+    network: bool = False   # talks to the network: its task retries transient errors
+    gpu: bool = False       # loads a model onto the device: one GPU unit on Dask
+    # what it reads and writes (globs under tables/, for an account), and the settings sections
+    # its output depends on: together, the fingerprint that lets an unchanged stage be skipped.
+    # No tables: it always runs (scrape reads Instagram, which has no fingerprint).
+    tables: Callable[[str], list[str]] | None = None
+    settings: tuple[str, ...] = ()
+
+
+def _scrape(cfg: Config, account: str, origin: Origin) -> StageResult:
+    recorded, source = origin
+    return collect(cfg, account, Path(recorded) if recorded else None,
+                   Path(source) if source else None)
+
+
+def _download(cfg: Config, account: str, origin: Origin) -> StageResult:
+    return download.download(cfg.data_dir, account, download.DownloadSettings.from_config(cfg))
+
+
+def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
+    encoder = clip.from_config(cfg.models)
+    model = captioner.from_config(cfg.models, cfg.caption)
+    return catalog.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
+
+
+def _media(account: str) -> str:
+    return f"{tables.MEDIA.name}/{tables.MEDIA.parts(account)}"
+
+
+DAG: tuple[Stage, ...] = (
+    Stage("scrape", _scrape, network=True),
+    Stage("download", _download, network=True, tables=lambda account: [_media(account)]),
+    # the model stages include their output tables: deleting parts (or another account adding
+    # shared images) makes them look again
+    Stage("embed", lambda cfg, account, _: embed(cfg.data_dir, account, cfg), gpu=True,
+          tables=lambda account: [_media(account), f"{tables.EMBEDDINGS.name}/**/*.parquet"],
+          settings=("models", "embed")),
+    Stage("caption", lambda cfg, account, _: caption(cfg.data_dir, account, cfg), gpu=True,
+          tables=lambda account: [_media(account), f"{tables.CAPTIONS.name}/**/*.parquet"],
+          settings=("models", "caption")),
+    Stage("publish", _publish,
+          tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES
+                                  if t is not tables.RUNS],
+          settings=("models", "caption")),
+)
+NAMES: tuple[str, ...] = tuple(stage.name for stage in DAG)
+_BY_NAME = {stage.name: stage for stage in DAG}
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name`; ValueError naming the stages for an unknown one."""
+    return ordered([name])[0]
+
+
+def ordered(names: list[str]) -> list[Stage]:
+    """The stages called `names`, in DAG order; ValueError naming the stages for an unknown one."""
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(unknown)}: one of {', '.join(NAMES)}")
+    return [s for s in DAG if s.name in names]
+
+
+def fingerprint(cfg: Config, account: str, stage: Stage) -> Callable[[], str] | None:
+    """What `stage` reads and writes for `account`, with its settings; None: always run."""
+    if stage.tables is None:
+        return None
+    globs = stage.tables(account)
+    settings = [vars(getattr(cfg, section)) for section in stage.settings]
+    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings)
