@@ -49,4 +49,4 @@ def caption(data_dir: Path, account: str, cfg: Any, model: captioner.Captioner |
         data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess,
         lambda batch: caption_rows(model, batch),
         device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
-        part_rows=cfg.embed.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed)
+        part_rows=cfg.caption.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed)

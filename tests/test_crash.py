@@ -21,7 +21,7 @@ from clipgram.flows.ingest import ingest_account
 
 ROOT = Path(__file__).resolve().parent.parent
 A = demo.ACCOUNT
-SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8},
+SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8, "part_rows": 8},
             "decode": {"workers": 0}}
 
 

@@ -19,7 +19,7 @@ from clipgram.flows.ingest import ingest_account, ingest_accounts
 
 A = demo.ACCOUNT
 B = "sample-folder"  # the sample's own images as a folder: every image is also one of A's
-SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8},
+SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8, "part_rows": 8},
             "decode": {"workers": 0}}
 
 
