@@ -32,14 +32,15 @@ from PIL import Image
 from bench import odd_images as bench_odd_images
 from bench import rerun as bench_rerun
 from bench import search as bench_search
-from clipgram import demo, download, images, loader, synthetic, tables
-from clipgram.caption import caption
+from clipgram import demo, images, loader, synthetic, tables
 from clipgram.config import load_config
-from clipgram.embed import embed
 from clipgram.models import captioner as captioner_mod
 from clipgram.models import clip as clip_mod
 from clipgram.models import pick_device
 from clipgram.models.resolve import Resolved
+from clipgram.stages import download
+from clipgram.stages.caption import caption
+from clipgram.stages.embed import embed
 
 
 def _timed(fn: Callable[[], Any]) -> float:

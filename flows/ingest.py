@@ -27,7 +27,7 @@ from prefect import Task, flow, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from clipgram import cluster, dag, ledger, rerun, runner, storage  # noqa: E402
+from clipgram import dag, ledger, rerun, runner, storage, taskrunner  # noqa: E402
 from clipgram.config import Config, load_config  # noqa: E402
 from clipgram.lock import account_lock  # noqa: E402
 from clipgram.result import StageResult  # noqa: E402
@@ -58,7 +58,7 @@ def network_options(cfg: Config) -> dict[str, Any]:
             "retry_jitter_factor": o.retry_jitter, "retry_condition_fn": _retry_if_transient}
 
 
-def _run_stages(run: cluster.RunTask, cfg: Config, settings: Settings, run_id: str, account: str,
+def _run_stages(run: taskrunner.RunTask, cfg: Config, settings: Settings, run_id: str, account: str,
                 stages_to_run: list[str], recorded: str | None, source: str | None
                 ) -> list[StageResult]:
     """The stages in order, one at a time (each reads what the last wrote), each where `run` puts it."""
@@ -90,7 +90,7 @@ def ingest_account(account: str, settings: Settings | None = None, recorded: str
         if retry_failed:
             rerun.requeue_failed(cfg.data_dir, account)
             settings = rerun.retrying_failed_rows(settings)
-        with cluster.stage_runner(cfg) as run:
+        with taskrunner.stage_runner(cfg) as run:
             return _run_stages(run, cfg, settings, run_id, account, todo, recorded, source)
 
 
@@ -118,7 +118,7 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
     results: dict[str, list[StageResult]] = {account: [] for account in accounts}
     errors: dict[str, BaseException] = {}
 
-    def run_account(run: cluster.RunTask, account: str, part: list[str]) -> None:
+    def run_account(run: taskrunner.RunTask, account: str, part: list[str]) -> None:
         if account in errors or not part:
             return
         try:
@@ -135,7 +135,7 @@ def ingest_accounts(accounts: list[str], settings: Settings | None = None,
         storage.pull(cfg.data_dir)
         for account in accounts:
             ledger.open_account(cfg.data_dir, account, cfg.orchestration.ledger_max_parts)
-        run = held.enter_context(cluster.stage_runner(cfg))
+        run = held.enter_context(taskrunner.stage_runner(cfg))
         fetch = [stage for stage in todo if dag.stage(stage).network]
         with ThreadPoolExecutor(len(accounts), thread_name_prefix="fetch") as pool:
             # each thread gets its own copy of the flow run's context, which Prefect tasks need

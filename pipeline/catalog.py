@@ -7,14 +7,13 @@ directory; from a plain DuckDB shell, start it inside the data directory:
 
 Vectors are stored in Parquet as lists; the `embeddings` view casts them back to
 FLOAT[d] so `array_cosine_similarity` works directly. DuckDB's FTS index does
-not see rows added after it is built, so `publish` rebuilds it every time.
+not see rows added after it is built, so the publish stage (`stages/publish.py`) rebuilds
+it every time.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,7 @@ from typing import Any
 import duckdb
 
 from clipgram import storage, tables
-from clipgram.analysis import store
-from clipgram.result import StageResult
+from clipgram.analysis import derived
 
 CATALOG = "catalog.duckdb"
 # The models the catalog was last published with. Beside the data, not in the catalog: a
@@ -45,7 +43,7 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
     con.execute(f"LOAD '{path}'")
 
 
-def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
+def view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
               captioner_id: str | None) -> dict[str, str]:
     root = "."
     views = {
@@ -72,13 +70,13 @@ def _view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
         JOIN posts p USING (account, shortcode)
         LEFT JOIN captions c USING (sha256)
         WHERE m.status = 'done'"""
-    for derived in store.ALL_DERIVED:  # zero-shot labels, clusters, map, duplicates
-        views[derived.name] = store.view_sql(derived, data_dir, root, clip_id)
+    for table in derived.ALL_DERIVED:  # zero-shot labels, clusters, map, duplicates
+        views[table.name] = derived.view_sql(table, data_dir, root, clip_id)
     return views
 
 
 # Macros that need no model, kept in the catalog file: plain `duckdb catalog.duckdb` has them too.
-_MACROS = [
+MACROS = [
     # images most like a stored one (image → image), the image itself left out
     """CREATE MACRO similar_to(id, k) AS TABLE
        SELECT i.*, array_cosine_similarity(e.embedding, q.embedding) AS score
@@ -106,116 +104,6 @@ _UDF_MACROS = [
        FROM images i JOIN embeddings e USING (sha256)
        ORDER BY score DESC, i.media_id LIMIT k""",
 ]
-
-INDEX_DIR = "index"
-
-
-def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerprint: str,
-                        dim: int | None) -> str | None:
-    """Materialise the searchable vectors: `search_rows` (row → media_id) and a float32 .npy matrix.
-
-    Search memory-maps the matrix instead of scanning Parquet (about 8× faster);
-    publish rewrites it whenever a table part changes, so it is never stale.
-    """
-    con.execute("""CREATE TABLE search_rows AS
-                   SELECT (row_number() OVER (ORDER BY i.media_id) - 1)::INTEGER AS row, i.media_id, i.sha256
-                   FROM images i JOIN embeddings e USING (sha256)""")
-    if not dim:
-        return None
-    from clipgram.search import write_matrix  # search imports catalog: import here
-
-    relative = f"{INDEX_DIR}/{fingerprint[:16]}.npy"
-    count = con.execute("SELECT count(*) FROM search_rows").fetchone()[0]
-    reader = con.execute("""SELECT e.embedding FROM search_rows r JOIN embeddings e USING (sha256)
-                            ORDER BY r.row""")
-    write_matrix(data_dir / relative, count, dim, reader.to_arrow_reader(65536))
-    return relative
-
-
-def _drop_stale_indexes(data_dir: Path, keep: str | None) -> None:
-    for path in (data_dir / INDEX_DIR).glob("*.npy"):
-        if keep is None or path != data_dir / keep:
-            path.unlink(missing_ok=True)  # readers that mapped it keep their copy until closed
-
-
-def _fingerprint(data_dir: Path, *ids: Any) -> str:
-    """Identifies what a catalog is built from: every Parquet part and the model ids."""
-    return tables.fingerprint(data_dir, ["**/*.parquet"], *ids)
-
-
-def _published_fingerprint(path: Path) -> str | None:
-    try:
-        with duckdb.connect(str(path), read_only=True) as con:
-            return meta(con).get("fingerprint")
-    except duckdb.Error:
-        return None
-
-
-def publish(data_dir: Path, clip_id: str | None, dim: int | None,
-            captioner_id: str | None, account: str = "*") -> StageResult:
-    """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
-
-    Skipped when no table part and no model changed since the last publish.
-    """
-    final = data_dir / CATALOG
-    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id)
-    if final.exists() and _published_fingerprint(final) == fingerprint:
-        return StageResult("publish", account, note="catalog up to date").log()
-    tmp = data_dir / f".{CATALOG}.tmp"
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
-    try:
-        con.execute(f"SET file_search_path = '{data_dir}'")
-        for name, sql in _view_sql(data_dir, clip_id, dim, captioner_id).items():
-            con.execute(f"CREATE VIEW {name} AS {sql}")
-        index = _write_vector_index(con, data_dir, fingerprint, dim)
-        con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-        con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
-            ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
-            ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index]])
-        # FTS indexes tables, not views: materialise one document per image
-        con.execute("""
-            CREATE TABLE documents AS
-            SELECT media_id, account, sha256,
-                   coalesce(generated_caption, '') AS generated_caption,
-                   coalesce(post_caption, '') AS post_caption,
-                   array_to_string(hashtags, ' ') AS hashtags,
-                   coalesce(accessibility_caption, '') AS accessibility_caption
-            FROM images""")
-        load_extension(con, "fts")
-        con.execute("PRAGMA create_fts_index('documents', 'media_id', 'generated_caption', "
-                    "'post_caption', 'hashtags', 'accessibility_caption', overwrite = 1)")
-        for macro in _MACROS:
-            con.execute(macro)
-        documents = con.execute("SELECT count(*) FROM documents").fetchone()[0]
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    os.replace(tmp, final)
-    (data_dir / f"{CATALOG}.wal").unlink(missing_ok=True)
-    _drop_stale_indexes(data_dir, index)
-    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id})
-    return StageResult("publish", account, done=documents, note="searchable images").log()
-
-
-def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
-    final = data_dir / MODELS_FILE
-    if not final.exists() or json.loads(final.read_text()) != models:
-        storage.write_text(final, json.dumps(models))
-
-
-def republish(data_dir: Path, account: str = "*") -> StageResult:
-    """Publish again with the models last published (after a derived table changed, or on a
-    machine whose mirror of an object-store data dir has no catalog yet)."""
-    if (data_dir / MODELS_FILE).exists():
-        models = json.loads((data_dir / MODELS_FILE).read_text())
-    else:  # a catalog published before MODELS_FILE existed
-        with connect(data_dir) as con:
-            models = meta(con)
-    dim = models.get("clip_dim")
-    return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
-                   models.get("captioner"), account)
-
 
 def connect(data_dir: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the catalog with paths resolving inside `data_dir` and the fts extension loaded."""

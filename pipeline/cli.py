@@ -21,6 +21,7 @@ from clipgram.result import StageResult
 from clipgram.sources.instagram import RecordedDataIncomplete
 from clipgram.sources.session import ScrapeError
 from clipgram.sources.urls import BadUrlList
+from clipgram.stages import publish
 
 log = logging.getLogger("clipgram")
 
@@ -58,7 +59,7 @@ def _catalog(cfg: Config) -> duckdb.DuckDBPyConnection:
     """The catalog, read-only. A mirror of an object-store data dir may hold parts its
     catalog lacks (another machine ingested): those are published first."""
     if storage.remote_url(cfg.data_dir):
-        catalog.republish(cfg.data_dir)
+        publish.republish(cfg.data_dir)
     return catalog.connect(cfg.data_dir)
 
 
@@ -84,13 +85,14 @@ def _print_results(cfg: Config, results: list[StageResult]) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from clipgram import sources, tables
+    from clipgram import tables
+    from clipgram.stages import scrape
 
     cfg = _config(args)
-    sources.parse_since(cfg.scrape.since)  # a bad date fails before any work starts
+    scrape.parse_since(cfg.scrape.since)  # a bad date fails before any work starts
     target = Path(args.account).expanduser()
     if args.recorded is None and target.exists():  # a folder of images or a URL list
-        account = sources.account_for(target, args.as_name)
+        account = scrape.account_for(target, args.as_name)
         try:
             tables.check_partition_value(account)
         except ValueError as e:
@@ -214,17 +216,17 @@ def cmd_labels(args: argparse.Namespace) -> int:
         raise search.SearchError(f"the catalog's embeddings are from {stored}, not "
                                  f"{encoder.id}: pass the same --clip-model")
     results = labels.run(cfg.data_dir, encoder, args.set)
-    catalog.republish(cfg.data_dir)
+    publish.republish(cfg.data_dir)
     report.print_rows(["label_set", "images", "note"], [[r.account, r.done, r.note] for r in results])
     return 0
 
 
 def _publish_and_show(cfg: Config, args: argparse.Namespace, sql: str) -> None:
     """Publish the derived table just written, then print `sql`'s rows for the command's scope."""
-    from clipgram.analysis import store
+    from clipgram.analysis import derived
 
-    catalog.republish(cfg.data_dir)
-    relation = catalog.connect(cfg.data_dir).execute(sql, [args.account or store.ALL_ACCOUNTS])
+    publish.republish(cfg.data_dir)
+    relation = catalog.connect(cfg.data_dir).execute(sql, [args.account or derived.ALL_ACCOUNTS])
     report.print_rows([d[0] for d in relation.description], relation.fetchall(), _format(args))
 
 

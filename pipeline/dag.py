@@ -12,13 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipgram import catalog, download, tables
-from clipgram.caption import caption
+from clipgram import tables
 from clipgram.config import Config
-from clipgram.embed import embed
 from clipgram.models import captioner, clip
 from clipgram.result import StageResult
-from clipgram.sources import collect
+from clipgram.stages import caption, download, embed, publish, scrape
 
 # where scrape reads from: (recorded instaloader JSON dir, folder or URL list); both None: Instagram
 Origin = tuple[str | None, str | None]
@@ -39,7 +37,7 @@ class Stage:
 
 def _scrape(cfg: Config, account: str, origin: Origin) -> StageResult:
     recorded, source = origin
-    return collect(cfg, account, Path(recorded) if recorded else None,
+    return scrape.collect(cfg, account, Path(recorded) if recorded else None,
                    Path(source) if source else None)
 
 
@@ -50,7 +48,7 @@ def _download(cfg: Config, account: str, origin: Origin) -> StageResult:
 def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
     encoder = clip.from_config(cfg.models)
     model = captioner.from_config(cfg.models, cfg.caption)
-    return catalog.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
+    return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
 
 
 def _media(account: str) -> str:
@@ -62,10 +60,10 @@ DAG: tuple[Stage, ...] = (
     Stage("download", _download, network=True, tables=lambda account: [_media(account)]),
     # the model stages include their output tables: deleting parts (or another account adding
     # shared images) makes them look again
-    Stage("embed", lambda cfg, account, _: embed(cfg.data_dir, account, cfg), gpu=True,
+    Stage("embed", lambda cfg, account, _: embed.embed(cfg.data_dir, account, cfg), gpu=True,
           tables=lambda account: [_media(account), f"{tables.EMBEDDINGS.name}/**/*.parquet"],
           settings=("models", "embed")),
-    Stage("caption", lambda cfg, account, _: caption(cfg.data_dir, account, cfg), gpu=True,
+    Stage("caption", lambda cfg, account, _: caption.caption(cfg.data_dir, account, cfg), gpu=True,
           tables=lambda account: [_media(account), f"{tables.CAPTIONS.name}/**/*.parquet"],
           settings=("models", "caption")),
     Stage("publish", _publish,

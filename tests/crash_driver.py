@@ -37,8 +37,9 @@ def main() -> int:
     point, nth, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     import pyarrow.parquet as pq
 
-    from clipgram import catalog, cli, download
+    from clipgram import catalog, cli
     from clipgram.models import clip
+    from clipgram.stages import download
 
     if point == "download":
         kill_on(download, "_store", nth)

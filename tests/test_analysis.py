@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from clipgram import catalog, tables
-from clipgram.analysis import clusters, store
+from clipgram.analysis import clusters, derived
 from clipgram.cli import main
 from clipgram.models import clip
+from clipgram.stages import publish
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -78,7 +79,7 @@ def test_clusters_are_cohesive_and_named_from_their_members(analysed, capsys):
     con = catalog.connect(analysed.data_dir)
     rows = con.execute(f"""SELECT c.cluster, c.cluster_name, c.silhouette, d.text FROM clusters c JOIN
         (SELECT sha256, string_agg(lower(generated_caption || ' ' || post_caption || ' ' || hashtags), ' ') AS text
-         FROM documents GROUP BY sha256) d USING (sha256) WHERE scope = '{store.ALL_ACCOUNTS}'""").fetchall()
+         FROM documents GROUP BY sha256) d USING (sha256) WHERE scope = '{derived.ALL_ACCOUNTS}'""").fetchall()
     assert len({r[0] for r in rows}) >= 2 and rows[0][2] > 0
     for cluster in {r[0] for r in rows}:
         members = [r for r in rows if r[0] == cluster]
@@ -87,7 +88,7 @@ def test_clusters_are_cohesive_and_named_from_their_members(analysed, capsys):
     # rewriting a scope replaces it whole
     assert _run(analysed, "clusters", "-k", "2") == 0
     con = catalog.connect(analysed.data_dir)
-    assert con.execute(f"SELECT count(DISTINCT cluster) FROM clusters WHERE scope = '{store.ALL_ACCOUNTS}'"
+    assert con.execute(f"SELECT count(DISTINCT cluster) FROM clusters WHERE scope = '{derived.ALL_ACCOUNTS}'"
                        ).fetchone() == (2,)
     assert _run(analysed, "clusters", "-k", "auto") == 0
 
@@ -123,7 +124,7 @@ def test_duplicates_threshold_and_exact_copies(analysed, capsys, make_config, tm
     posts = con.execute("SELECT * EXCLUDE (account, updated_at) FROM posts WHERE shortcode = ?",
                         [row["shortcode"]]).to_arrow_table().to_pylist()
     tables.write_part(cfg.data_dir, tables.POSTS, "repost.account", posts)
-    catalog.republish(cfg.data_dir)
+    publish.republish(cfg.data_dir)
     rows = _json(cfg, capsys, "duplicates", "--threshold", "1.01")
     assert {(r["kind"], r["account"], r["sha256"]) for r in rows} == {
         ("exact", "clipgram.demo", row["sha256"]), ("exact", "repost.account", row["sha256"])}
@@ -141,7 +142,7 @@ def test_map_png_html_and_table(analysed, tmp_path, capsys):
     n = con.execute("SELECT count(*) FROM embeddings").fetchone()[0]
     assert page.count("<image ") == n
     assert con.execute(f"SELECT count(*), min(x), max(x), min(y), max(y) FROM map "
-                       f"WHERE scope = '{store.ALL_ACCOUNTS}'").fetchone() == (n, 0.0, 1.0, 0.0, 1.0)
+                       f"WHERE scope = '{derived.ALL_ACCOUNTS}'").fetchone() == (n, 0.0, 1.0, 0.0, 1.0)
 
 
 def test_readme_example_queries_run(analysed, capsys):

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from clipgram import synthetic, tables
-from clipgram.caption import caption
 from clipgram.config import ConfigError, load_config
 from clipgram.models import cached_coca, captioner, resolve, tiny
+from clipgram.stages.caption import caption
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from clipgram import download, tables
+from clipgram import tables
+from clipgram.stages import download
 
 ACCOUNT = "faults"
 

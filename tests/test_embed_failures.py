@@ -3,8 +3,9 @@ counts it, search never sees it, and a retry takes it up again once the file is 
 
 import shutil
 
-from clipgram import catalog, embed, status, tables
+from clipgram import catalog, status, tables
 from clipgram.models import clip
+from clipgram.stages import embed, publish
 
 
 def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
@@ -28,7 +29,7 @@ def test_an_image_that_fails_to_decode_is_a_failed_embedding_row_until_retried(
     assert "truncated" in stage_rows["last_error"]
     assert embed.embed(cfg.data_dir, "a", cfg, encoder).done == 0  # a plain rerun: nothing to do
 
-    catalog.publish(cfg.data_dir, encoder.id, encoder.dim, None)
+    publish.publish(cfg.data_dir, encoder.id, encoder.dim, None)
     assert catalog.connect(cfg.data_dir).execute("SELECT count(*) FROM embeddings").fetchone() == (3,)
 
     shutil.copyfile(sample_paths[0], broken)

@@ -139,8 +139,8 @@ def test_allocation_failures_that_libraries_report_as_runtime_errors_also_halve_
 
 def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_untouched(
         make_config, as_downloaded, sample_paths, tmp_path):
-    from clipgram.embed import embed
     from clipgram.models import tiny
+    from clipgram.stages.embed import embed
 
     cfg = make_config(tmp_path / "data", decode={"workers": 0})
     as_downloaded(cfg, sample_paths[:6], "a")
@@ -171,7 +171,7 @@ def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_u
 
 def test_a_to_do_list_of_one_batch_is_decoded_without_starting_workers(make_config, as_downloaded,
                                                                        sample_paths, tmp_path, monkeypatch):
-    from clipgram.embed import embed
+    from clipgram.stages.embed import embed
 
     started = []
     real = loader.worker_context

@@ -11,8 +11,8 @@ from torchvision import transforms as T
 
 from bench.throughput import _render_jpeg
 from clipgram import images, loader, tables
-from clipgram.embed import embed
 from clipgram.models import clip, pick_device
+from clipgram.stages.embed import embed
 
 
 def _tiny_encoder(cfg, precision):

@@ -3,8 +3,8 @@
 import threading
 
 from clipgram import inference, tables
-from clipgram.embed import embed
 from clipgram.models import clip
+from clipgram.stages.embed import embed
 
 
 def test_concurrent_accounts_sharing_images_embed_each_once(make_config, as_downloaded, sample_paths, tmp_path,

@@ -9,8 +9,9 @@ import re
 import pytest
 from realdata import sample_dir, sample_sets, serve_cdn
 
-from clipgram import download, tables
+from clipgram import tables
 from clipgram.sources import urls
+from clipgram.stages import download
 
 LISTS = sample_sets("urls")
 pytestmark = pytest.mark.skipif(not LISTS, reason="real URL lists absent (tests/SAMPLES.md)")

@@ -5,11 +5,12 @@ import json
 import pytest
 from PIL import Image
 
-from clipgram import catalog, download, search, synthetic, tables
+from clipgram import catalog, search, synthetic, tables
 from clipgram.cli import main
 from clipgram.flows.ingest import ingest_account
 from clipgram.models import clip
 from clipgram.sources import folder, urls
+from clipgram.stages import download
 
 SETTINGS = download.DownloadSettings(concurrency=2, timeout_s=5, retries=1, allow_private_network=True)
 

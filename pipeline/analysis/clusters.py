@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgram import catalog
-from clipgram.analysis import store
+from clipgram.analysis import derived
 from clipgram.result import StageResult
 
 SILHOUETTE_SAMPLE = 2000    # silhouette is O(n²): score a fixed sample beyond this
@@ -95,8 +95,8 @@ def documents(data_dir: Path, shas: list[str]) -> list[str]:
 
 def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: int = 12) -> StageResult:
     """Cluster the account's (or every account's) images; k=None chooses k by silhouette."""
-    shas, x = store.stored_vectors(data_dir, model, account)
-    scope = account or store.ALL_ACCOUNTS
+    shas, x = derived.stored_vectors(data_dir, model, account)
+    scope = account or derived.ALL_ACCOUNTS
     if len(shas) < 3:
         raise ValueError(f"{len(shas)} embedded image(s) in {scope}: clustering needs 3 or more")
     note = ""
@@ -108,7 +108,7 @@ def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: i
     quality = silhouette(x, assign) if k > 1 else 0.0
     names = name_clusters(documents(data_dir, shas), assign)
     similarity = np.sum(x * centres[assign], axis=1)
-    store.replace(data_dir, store.CLUSTERS, scope, model, [
+    derived.replace(data_dir, derived.CLUSTERS, scope, model, [
         {"sha256": sha, "cluster": int(c), "cluster_name": names[int(c)], "similarity": float(s),
          "silhouette": quality}
         for sha, c, s in zip(shas, assign.tolist(), similarity.tolist())])

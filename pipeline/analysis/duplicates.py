@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgram import catalog
-from clipgram.analysis import store
+from clipgram.analysis import derived
 from clipgram.result import StageResult
 
 BLOCK = 4096   # rows of the similarity matrix computed at once: memory stays at BLOCK × n floats
@@ -38,7 +38,7 @@ def near_groups(x: np.ndarray, threshold: float) -> list[list[int]]:
 
 def run(data_dir: Path, model: str, account: str | None, threshold: float) -> StageResult:
     """Write the `duplicates` table for `account` (or across every account)."""
-    scope = account or store.ALL_ACCOUNTS
+    scope = account or derived.ALL_ACCOUNTS
     with catalog.connect(data_dir) as con:
         media = con.execute(
             "SELECT sha256, media_id, account FROM images WHERE ? IS NULL OR account = ? "
@@ -52,13 +52,13 @@ def run(data_dir: Path, model: str, account: str | None, threshold: float) -> St
             group_id += 1
             rows += [{"group_id": group_id, "kind": "exact", "media_id": m, "account": a, "sha256": sha,
                       "similarity": 1.0} for m, a in items]
-    shas, x = store.stored_vectors(data_dir, model, account)
+    shas, x = derived.stored_vectors(data_dir, model, account)
     for group in near_groups(x, threshold) if shas else []:
         group_id += 1
         first = x[group[0]]
         rows += [{"group_id": group_id, "kind": "near", "media_id": m, "account": a, "sha256": shas[i],
                   "similarity": float(x[i] @ first)}
                  for i in group for m, a in by_sha.get(shas[i], [])]
-    store.replace(data_dir, store.DUPLICATES, scope, model, rows)
+    derived.replace(data_dir, derived.DUPLICATES, scope, model, rows)
     return StageResult("duplicates", scope, done=group_id,
                        note=f"groups (cosine ≥ {threshold} or same file)").log()

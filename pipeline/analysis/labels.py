@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipgram import storage, tables
-from clipgram.analysis import store
+from clipgram.analysis import derived
 from clipgram.config import CONFIG_DIR
 from clipgram.result import StageResult
 
@@ -125,7 +125,7 @@ def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[St
     if unknown:
         raise LabelError(f"unknown label set(s) {', '.join(unknown)}; known: {', '.join(sorted(sets))} "
                          f"(add one with `clipgram labels define`)")
-    shas, vectors = store.stored_vectors(data_dir, encoder.id)
+    shas, vectors = derived.stored_vectors(data_dir, encoder.id)
     # the temperature CLIP was trained with; 100 is its usual learned value
     scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 100.0
     results = []
@@ -139,7 +139,7 @@ def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[St
             rows = [{"sha256": sha, "label": labels[j], "score": float(probs[i, j]),
                      "cosine": float(cosines[i, j]), "rank": int(ranks[i, j])}
                     for i, sha in enumerate(shas) for j in range(len(labels))]
-        store.replace(data_dir, store.LABELS, name, encoder.id, rows)
+        derived.replace(data_dir, derived.LABELS, name, encoder.id, rows)
         results.append(StageResult("labels", name, done=len(shas),
                                    note=f"{len(label_set.labels)} labels").log())
     return results

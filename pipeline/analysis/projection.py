@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipgram import catalog, images, storage
-from clipgram.analysis import store
+from clipgram.analysis import derived
 from clipgram.result import StageResult
+from clipgram.stages import publish
 
 log = logging.getLogger("clipgram")
 
@@ -122,14 +123,14 @@ def write_html(data_dir: Path, points: list[tuple], out: Path, title: str, metho
 def run(data_dir: Path, model: str, account: str | None, png: Path, page: Path | None,
         method: str = "auto") -> StageResult:
     """Project the images, store the `map` table, then draw the PNG (and the HTML page)."""
-    shas, x = store.stored_vectors(data_dir, model, account)
-    scope = account or store.ALL_ACCOUNTS
+    shas, x = derived.stored_vectors(data_dir, model, account)
+    scope = account or derived.ALL_ACCOUNTS
     if not shas:
         raise ValueError(f"no embedded images in {scope}: run `clipgram ingest` first")
     xy, method = project(x, method)
-    store.replace(data_dir, store.MAP, scope, model, [
+    derived.replace(data_dir, derived.MAP, scope, model, [
         {"sha256": sha, "x": float(a), "y": float(b), "method": method} for sha, (a, b) in zip(shas, xy)])
-    catalog.republish(data_dir, scope)  # the map view must exist before it is drawn from
+    publish.republish(data_dir, scope)  # the map view must exist before it is drawn from
     points = _points(data_dir, model, scope)
     write_png(data_dir, points, png)
     if page is not None:

@@ -16,8 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from clipgram import download, tables
+from clipgram import tables
 from clipgram.result import StageResult
+from clipgram.stages import download
 
 log = logging.getLogger("clipgram.scrape")
 

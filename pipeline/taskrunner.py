@@ -23,7 +23,7 @@ from typing import Any
 from clipgram import dag
 from clipgram.config import Config, ConfigError
 
-log = logging.getLogger("clipgram.cluster")
+log = logging.getLogger("clipgram.taskrunner")
 
 # run(task, stage, parameters) -> the task's result; raises what the task raised
 RunTask = Callable[[Any, str, dict[str, Any]], Any]

@@ -1,0 +1,127 @@
+"""Publish stage: catalog.duckdb rebuilt from the tables and swapped in atomically.
+
+The catalog's views and macros are `catalog`'s; this stage materialises what they
+cannot be: one search document per image with its full-text index, and the vector
+matrix search memory-maps. DuckDB's FTS index does not see rows added after it is
+built, so publish rebuilds it every time something changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from clipgram import catalog, storage, tables
+from clipgram.result import StageResult
+from clipgram.search import write_matrix
+
+INDEX_DIR = "index"
+
+
+def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerprint: str,
+                        dim: int | None) -> str | None:
+    """Materialise the searchable vectors: `search_rows` (row → media_id) and a float32 .npy matrix.
+
+    Search memory-maps the matrix instead of scanning Parquet (about 8× faster);
+    publish rewrites it whenever a table part changes, so it is never stale.
+    """
+    con.execute("""CREATE TABLE search_rows AS
+                   SELECT (row_number() OVER (ORDER BY i.media_id) - 1)::INTEGER AS row, i.media_id, i.sha256
+                   FROM images i JOIN embeddings e USING (sha256)""")
+    if not dim:
+        return None
+    relative = f"{INDEX_DIR}/{fingerprint[:16]}.npy"
+    count = con.execute("SELECT count(*) FROM search_rows").fetchone()[0]
+    reader = con.execute("""SELECT e.embedding FROM search_rows r JOIN embeddings e USING (sha256)
+                            ORDER BY r.row""")
+    write_matrix(data_dir / relative, count, dim, reader.to_arrow_reader(65536))
+    return relative
+
+
+def _drop_stale_indexes(data_dir: Path, keep: str | None) -> None:
+    for path in (data_dir / INDEX_DIR).glob("*.npy"):
+        if keep is None or path != data_dir / keep:
+            path.unlink(missing_ok=True)  # readers that mapped it keep their copy until closed
+
+
+def _fingerprint(data_dir: Path, *ids: Any) -> str:
+    """Identifies what a catalog is built from: every Parquet part and the model ids."""
+    return tables.fingerprint(data_dir, ["**/*.parquet"], *ids)
+
+
+def _published_fingerprint(path: Path) -> str | None:
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            return catalog.meta(con).get("fingerprint")
+    except duckdb.Error:
+        return None
+
+
+def publish(data_dir: Path, clip_id: str | None, dim: int | None,
+            captioner_id: str | None, account: str = "*") -> StageResult:
+    """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
+
+    Skipped when no table part and no model changed since the last publish.
+    """
+    final = data_dir / catalog.CATALOG
+    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id)
+    if final.exists() and _published_fingerprint(final) == fingerprint:
+        return StageResult("publish", account, note="catalog up to date").log()
+    tmp = data_dir / f".{catalog.CATALOG}.tmp"
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(f"SET file_search_path = '{data_dir}'")
+        for name, sql in catalog.view_sql(data_dir, clip_id, dim, captioner_id).items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        index = _write_vector_index(con, data_dir, fingerprint, dim)
+        con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
+            ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
+            ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index]])
+        # FTS indexes tables, not views: materialise one document per image
+        con.execute("""
+            CREATE TABLE documents AS
+            SELECT media_id, account, sha256,
+                   coalesce(generated_caption, '') AS generated_caption,
+                   coalesce(post_caption, '') AS post_caption,
+                   array_to_string(hashtags, ' ') AS hashtags,
+                   coalesce(accessibility_caption, '') AS accessibility_caption
+            FROM images""")
+        catalog.load_extension(con, "fts")
+        con.execute("PRAGMA create_fts_index('documents', 'media_id', 'generated_caption', "
+                    "'post_caption', 'hashtags', 'accessibility_caption', overwrite = 1)")
+        for macro in catalog.MACROS:
+            con.execute(macro)
+        documents = con.execute("SELECT count(*) FROM documents").fetchone()[0]
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    os.replace(tmp, final)
+    (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
+    _drop_stale_indexes(data_dir, index)
+    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id})
+    return StageResult("publish", account, done=documents, note="searchable images").log()
+
+
+def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
+    final = data_dir / catalog.MODELS_FILE
+    if not final.exists() or json.loads(final.read_text()) != models:
+        storage.write_text(final, json.dumps(models))
+
+
+def republish(data_dir: Path, account: str = "*") -> StageResult:
+    """Publish again with the models last published (after a derived table changed, or on a
+    machine whose mirror of an object-store data dir has no catalog yet)."""
+    if (data_dir / catalog.MODELS_FILE).exists():
+        models = json.loads((data_dir / catalog.MODELS_FILE).read_text())
+    else:  # a catalog published before MODELS_FILE existed
+        with catalog.connect(data_dir) as con:
+            models = catalog.meta(con)
+    dim = models.get("clip_dim")
+    return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
+                   models.get("captioner"), account)
