@@ -22,6 +22,7 @@ import duckdb
 
 from clipgram import storage, tables
 from clipgram.analysis import derived
+from clipgram.errors import ClipgramError
 
 CATALOG = "catalog.duckdb"
 # The models the catalog was last published with. Beside the data, not in the catalog: a
@@ -29,7 +30,7 @@ CATALOG = "catalog.duckdb"
 MODELS_FILE = "catalog.json"
 
 
-class CatalogMissing(FileNotFoundError):
+class CatalogMissing(ClipgramError, FileNotFoundError):
     pass
 
 

@@ -12,15 +12,10 @@ from typing import Any
 import duckdb
 
 from clipgram import catalog, dag, report, search, status, storage
-from clipgram.analysis.labels import LabelError
 from clipgram.config import CONFIG_DIR, Config, ConfigError, load_config
-from clipgram.lock import AccountBusy
+from clipgram.errors import ClipgramError
 from clipgram.models import clip
-from clipgram.models.resolve import WeightsUnavailable
 from clipgram.result import StageResult
-from clipgram.sources.instagram import RecordedDataIncomplete
-from clipgram.sources.session import ScrapeError
-from clipgram.sources.urls import BadUrlList
 from clipgram.stages import publish
 
 log = logging.getLogger("clipgram")
@@ -466,13 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
-    errors: tuple[type[BaseException], ...] = (
-        ConfigError, WeightsUnavailable, catalog.CatalogMissing, search.SearchError,
-        RecordedDataIncomplete, duckdb.Error, FileNotFoundError, ScrapeError, BadUrlList, AccountBusy,
-        LabelError, storage.StorageError)
     try:
         return args.func(args)
-    except errors as e:
+    # ours say what to do; duckdb.Error is the user's own SQL, FileNotFoundError a path they named
+    except (ClipgramError, duckdb.Error, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

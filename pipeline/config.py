@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any, Mapping
 
 from clipgram import storage
+from clipgram.errors import ClipgramError
 
 # The settings the package ships: clipgram/configs in an installed wheel; configs/ beside the
 # source in a checkout (an editable install maps the package onto pipeline/ there).
@@ -24,7 +25,7 @@ DEFAULT_FILE = CONFIG_DIR / "default.toml"
 ENV_PREFIX = "CLIPGRAM_"
 
 
-class ConfigError(ValueError):
+class ConfigError(ClipgramError, ValueError):
     pass
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import ContextManager
 
 from clipgram import tables
+from clipgram.errors import ClipgramError
 
 log = logging.getLogger("clipgram.lock")
 
 
-class AccountBusy(RuntimeError):
+class AccountBusy(ClipgramError, RuntimeError):
     """Another process is ingesting the account."""
 
 

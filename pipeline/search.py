@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipgram import catalog, images
+from clipgram.errors import ClipgramError
 from clipgram.models import clip
 
 RRF_K = 60
@@ -40,7 +41,7 @@ RRF_POOL = 100
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic"}
 
 
-class SearchError(RuntimeError):
+class SearchError(ClipgramError, RuntimeError):
     pass
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipgram.errors import ClipgramError
+
 log = logging.getLogger("clipgram.storage")
 
 # Files outside tables/ and media/ that belong to the data, not to one machine.
@@ -38,7 +40,7 @@ SHARED_FILES = ("labels.toml", "catalog.json")
 _TRANSFERS = 16  # concurrent object transfers: latency-bound, not CPU-bound
 
 
-class StorageError(RuntimeError):
+class StorageError(ClipgramError, RuntimeError):
     """The object store could not be reached or read; the message says what to check."""
 
 

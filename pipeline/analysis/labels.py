@@ -20,6 +20,7 @@ import numpy as np
 from clipgram import storage, tables
 from clipgram.analysis import derived
 from clipgram.config import CONFIG_DIR
+from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram")
@@ -28,7 +29,7 @@ CONFIG_FILE = CONFIG_DIR / "labels.toml"
 USER_FILE = "labels.toml"   # in the data directory: sets from `clipgram labels define`
 
 
-class LabelError(ValueError):
+class LabelError(ClipgramError, ValueError):
     pass
 
 

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import open_clip
 from open_clip.pretrained import download_pretrained_from_hf
 
+from clipgram.errors import ClipgramError
 from clipgram.models import tiny
 
 log = logging.getLogger("clipgram.models")
@@ -35,7 +36,7 @@ HUB_HOST = "huggingface.co"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(ClipgramError, RuntimeError):
     pass
 
 

@@ -24,6 +24,7 @@ import requests
 from instaloader import InstaloaderContext, NodeIterator, Post, Profile
 
 from clipgram import tables
+from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
 from clipgram.sources import instagram_rows as rows
 from clipgram.sources import session
@@ -34,7 +35,7 @@ log = logging.getLogger("clipgram.scrape")
 MAX_PINNED = 3
 
 
-class RecordedDataIncomplete(RuntimeError):
+class RecordedDataIncomplete(ClipgramError, RuntimeError):
     """instaloader wanted the network while reading a recorded profile."""
 
 

@@ -20,11 +20,12 @@ from instaloader import InstaloaderContext, RateController
 from instaloader import exceptions as ig
 
 from clipgram import lock
+from clipgram.errors import ClipgramError
 
 log = logging.getLogger("clipgram.scrape")
 
 
-class ScrapeError(RuntimeError):
+class ScrapeError(ClipgramError, RuntimeError):
     """A scrape that cannot go on; the message says what happened and what to do.
 
     `final`: retrying in a minute would fail the same way (a missing profile, a login wall).

@@ -19,13 +19,14 @@ from typing import Any
 import httpx
 
 from clipgram import tables
+from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
 from clipgram.sources.folder import post_row, shortcode_for
 
 log = logging.getLogger("clipgram.scrape")
 
 
-class BadUrlList(ValueError):
+class BadUrlList(ClipgramError, ValueError):
     pass
 
 
