@@ -118,9 +118,8 @@ def download_set(site: Path, rendered: list[Path], count: int) -> list[str]:
 def bench_download(data_dir: Path, site: Path, names: list[str], concurrency: int) -> dict[str, float]:
     shutil.rmtree(data_dir, ignore_errors=True)
     with demo.serve(site) as base:
-        tables.write_part(data_dir, tables.MEDIA, "bench", [
-            {"media_id": f"{n}_0", "shortcode": n, "position": 0, "url": f"{base}/{n}", "status": "pending"}
-            for n in names])
+        tables.write_part(data_dir, tables.MEDIA, "bench",
+                          [tables.media_row(n, 0, f"{base}/{n}") for n in names])
         settings = download.DownloadSettings(concurrency=concurrency, allow_private_network=True)
         start = time.perf_counter()
         done = download.download(data_dir, "bench", settings).done

@@ -150,6 +150,24 @@ def check_partition_value(value: str) -> str:
     return value
 
 
+def post_row(**fields: Any) -> dict[str, Any]:
+    """A `posts` row: every column of POSTS, None where `fields` has no value; TypeError naming
+    a field POSTS has no column for. Every source builds its posts rows here."""
+    unknown = set(fields) - set(POSTS.schema.names)
+    if unknown:
+        raise TypeError(f"posts has no column {', '.join(sorted(unknown))}")
+    return {name: fields.get(name) for name in POSTS.schema.names if name != "updated_at"}
+
+
+def media_row(shortcode: str, position: int, url: str | None, *, is_video: bool = False,
+              video_url: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """A new `media` row for item `position` of a post: pending, or failed with `error` when its
+    URL cannot be fetched. Every source builds its media rows here; download fills in the rest."""
+    return {"media_id": f"{shortcode}_{position}", "shortcode": shortcode, "position": position,
+            "url": url, "is_video": is_video, "video_url": video_url,
+            "status": "failed" if error else "pending", "error": error}
+
+
 def write_part(data_dir: Path, table: Table, value: str, rows: Iterable[dict[str, Any]]) -> Path | None:
     """Write `rows` as one new part of `table` in partition `value`, atomically.
 

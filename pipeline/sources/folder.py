@@ -46,9 +46,9 @@ def shortcode_for(key: str, prefix: str) -> str:
 def post_row(account: str, shortcode: str, taken_at: datetime | None, caption: str | None,
              permalink: str, typename: str) -> dict[str, Any]:
     """A posts row for an image that did not come from Instagram."""
-    return {"shortcode": shortcode, "owner_username": account, "taken_at": taken_at,
-            "caption": caption, "hashtags": [], "mentions": [], "tagged_users": [],
-            "is_video": False, "typename": typename, "permalink": permalink, "media_count": 1}
+    return tables.post_row(shortcode=shortcode, owner_username=account, taken_at=taken_at,
+                           caption=caption, hashtags=[], mentions=[], tagged_users=[],
+                           is_video=False, typename=typename, permalink=permalink, media_count=1)
 
 
 def scan(data_dir: Path, account: str, folder: Path, settings: download.DownloadSettings) -> StageResult:
@@ -70,8 +70,7 @@ def scan(data_dir: Path, account: str, folder: Path, settings: download.Download
         taken_at = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
         todo.append((path, post_row(account, shortcode, taken_at, rel, path.resolve().as_uri(), "LocalFile")))
     sources = {f"{post['shortcode']}_0": path for path, post in todo}
-    media = [{"media_id": f"{post['shortcode']}_0", "shortcode": post["shortcode"], "position": 0,
-              "url": post["permalink"], "is_video": False, "status": "pending"} for _, post in todo]
+    media = [tables.media_row(post["shortcode"], 0, post["permalink"]) for _, post in todo]
     (data_dir / "media").mkdir(parents=True, exist_ok=True)
 
     def work(row: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from typing import Any
 
 from instaloader import Post, Profile
 
+from clipgram import tables
+
 
 def _dig(node: Any, *keys: str | int) -> Any:
     """node[k0][k1]…, or None where a key is missing or a value is not a container."""
@@ -72,29 +74,29 @@ def post_row(post: Post) -> dict[str, Any]:
     phone = node.get("iphone_struct") or {}
     owner = node.get("owner") or {}
     username = _first(owner.get("username"), _dig(phone, "user", "username"))
-    return {
-        "shortcode": post.shortcode,
-        "post_id": _int(_first(node.get("id"), phone.get("pk"))),
-        "owner_username": username.lower() if isinstance(username, str) else None,
-        "owner_id": _int(_first(owner.get("id"), _dig(phone, "user", "pk"))),
-        "taken_at": post.date_utc.replace(tzinfo=timezone.utc),
-        "caption": post.caption,
-        "hashtags": post.caption_hashtags,
-        "mentions": post.caption_mentions,
-        "tagged_users": _tagged(node),
-        "location": _first(_dig(node, "location", "name"), _dig(phone, "location", "name")),
-        "likes": _int(_first(_dig(node, "edge_media_preview_like", "count"),
-                             _dig(node, "edge_liked_by", "count"), phone.get("like_count"))),
-        "comments": _int(_first(_dig(node, "edge_media_to_comment", "count"),
-                                _dig(node, "edge_media_to_parent_comment", "count"),
-                                node.get("comments") if not isinstance(node.get("comments"), dict)
-                                else None, phone.get("comment_count"))),
-        "is_video": bool(node.get("is_video")),
-        "typename": node.get("__typename"),
-        "permalink": f"https://www.instagram.com/p/{post.shortcode}/",
-        "accessibility_caption": node.get("accessibility_caption"),
-        "media_count": len(_children(node)) or 1,
-    }
+    return tables.post_row(
+        shortcode=post.shortcode,
+        post_id=_int(_first(node.get("id"), phone.get("pk"))),
+        owner_username=username.lower() if isinstance(username, str) else None,
+        owner_id=_int(_first(owner.get("id"), _dig(phone, "user", "pk"))),
+        taken_at=post.date_utc.replace(tzinfo=timezone.utc),
+        caption=post.caption,
+        hashtags=post.caption_hashtags,
+        mentions=post.caption_mentions,
+        tagged_users=_tagged(node),
+        location=_first(_dig(node, "location", "name"), _dig(phone, "location", "name")),
+        likes=_int(_first(_dig(node, "edge_media_preview_like", "count"),
+                          _dig(node, "edge_liked_by", "count"), phone.get("like_count"))),
+        comments=_int(_first(_dig(node, "edge_media_to_comment", "count"),
+                             _dig(node, "edge_media_to_parent_comment", "count"),
+                             node.get("comments") if not isinstance(node.get("comments"), dict)
+                             else None, phone.get("comment_count"))),
+        is_video=bool(node.get("is_video")),
+        typename=node.get("__typename"),
+        permalink=f"https://www.instagram.com/p/{post.shortcode}/",
+        accessibility_caption=node.get("accessibility_caption"),
+        media_count=len(_children(node)) or 1,
+    )
 
 
 def _children(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -120,13 +122,9 @@ def media_rows(post: Post) -> list[dict[str, Any]]:
         is_video = bool(node.get("is_video"))
         items = [(_first(node.get("display_url"), node.get("display_src")), is_video,
                   _video_url(node, node.get("iphone_struct")) if is_video else None)]
-    return [
-        {"media_id": f"{post.shortcode}_{i}", "shortcode": post.shortcode, "position": i,
-         "url": url, "is_video": is_video, "video_url": video_url,
-         "status": "pending" if url else "failed",
-         "error": None if url else "the recorded post has no image URL for this item"}
-        for i, (url, is_video, video_url) in enumerate(items)
-    ]
+    return [tables.media_row(post.shortcode, i, url, is_video=is_video, video_url=video_url,
+                             error=None if url else "the post has no image URL for this item")
+            for i, (url, is_video, video_url) in enumerate(items)]
 
 
 def profile_row(profile: Profile | None, synced_through: datetime | None) -> dict[str, Any]:

@@ -124,9 +124,8 @@ def scan(data_dir: Path, account: str, path: Path) -> StageResult:
         problem = url_problem(entry["url"])
         if problem:
             bad.append(f"{entry['where']} ({entry['url'][:60]!r})")
-        media.append({"media_id": f"{shortcode}_0", "shortcode": shortcode, "position": 0,
-                      "url": entry["url"], "is_video": False, "status": "failed" if problem else "pending",
-                      "error": f"{entry['where']} of {path.name}: {problem}" if problem else None})
+        media.append(tables.media_row(
+            shortcode, 0, entry["url"], error=f"{entry['where']} of {path.name}: {problem}" if problem else None))
     tables.write_part(data_dir, tables.MEDIA, account, media)
     tables.write_part(data_dir, tables.POSTS, account, posts)
     if bad:
