@@ -91,10 +91,13 @@ class Verifier:
                 return worker
         return self._idle.get()
 
-    def _retire(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> None:
+        """A fresh worker for one that is gone: another thread may be waiting for an idle one."""
+        fresh = _Worker()
         with self._lock:
             self._all.discard(worker)
-            self._started -= 1
+            self._all.add(fresh)
+        self._idle.put(fresh)
 
     def verify(self, path: Path) -> images.ImageInfo:
         """`images.verify(path)`, within the deadline; BadImage saying why not."""
@@ -102,7 +105,7 @@ class Verifier:
         answer = worker.ask({"path": str(path), "max_pixels": self.settings.max_pixels},
                             self.settings.deadline_s)
         if isinstance(answer, str):
-            self._retire(worker)
+            self._replace(worker)
             if answer == "crashed":
                 raise images.BadImage("the image decoder crashed on this file "
                                       f"(exit code {worker.proc.returncode})")

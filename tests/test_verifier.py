@@ -48,3 +48,16 @@ def test_worker_answers_are_what_verify_says_in_process(tmp_path, small):
     with pytest.raises(images.BadImage) as local:
         images.verify(bad)
     assert str(remote.value) == str(local.value)
+
+
+def test_threads_waiting_for_a_worker_get_a_fresh_one_when_it_misses_the_deadline(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = tmp_path / "big.png"
+    Image.effect_noise((3000, 3000), 64).convert("RGB").save(big, compress_level=1)
+    with verifier.Verifier(verifier.VerifySettings(deadline_s=0.05, workers=1)) as check, \
+            ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(check.verify, big) for _ in range(3)]
+        for future in futures:  # none waits forever for the one worker, which is replaced each time
+            with pytest.raises(images.BadImage, match="longer than"):
+                future.result(timeout=120)
