@@ -20,6 +20,7 @@ from typing import Any
 
 from clipgram import dag, tables
 from clipgram.config import Config, load_config
+from clipgram.sources import folder as folder_source
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES") or REPO.parent / "shared" / "samples")
@@ -44,8 +45,6 @@ def failure_kind(error: str) -> str:
 
 def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
     """Ingest `folder` twice (scrape → download → embed → caption) and report what became of it."""
-    from clipgram.sources import folder as folder_source
-
     files, other = folder_source.image_files(folder)
     started = time.perf_counter()
     first = {stage.name: stage.run(cfg, account, (None, str(folder))) for stage in STAGES}

@@ -11,17 +11,15 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from clipgram import tables
 from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
 from clipgram.sources.folder import post_row, shortcode_for
+from clipgram.stages import download
 
 log = logging.getLogger("clipgram.scrape")
 
@@ -84,19 +82,13 @@ def _taken_at(value: Any) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
-_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+")  # a name (IDNA as punycode), IPv4 or IPv6
-
-
 def url_problem(url: str) -> str | None:
-    """Why `url` is no image URL (None when it may be one); the download stage checks the rest."""
+    """Why `url` is no image URL (None when it may be one): what the download stage would refuse
+    it for before any request, or a line that is no single URL."""
     try:
-        parsed = httpx.URL(url)
-    except Exception:
-        return "not a valid URL"
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        return "not an http(s) URL"
-    if not _HOST.fullmatch(parsed.host):  # httpx percent-encodes what no host may hold
-        return f"not a valid host name: {parsed.host!r}"
+        download.parse_url(url)
+    except download.DownloadError as e:
+        return str(e)
     if len(url.split()) > 1 and sum(part.startswith(("http://", "https://")) for part in url.split()) > 1:
         return "several URLs on one line"
     if "\ufffd" in url:

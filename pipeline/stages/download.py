@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -87,14 +88,25 @@ def _addresses(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address
     return tuple({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos})
 
 
-def check_url(url: str, allow_private_network: bool) -> httpx.URL:
-    """The URL if clipgram may fetch it; DownloadError saying why not otherwise."""
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+")  # a name (IDNA as punycode), IPv4 or IPv6
+
+
+def parse_url(url: str) -> httpx.URL:
+    """`url` parsed, when it is an http(s) URL with a possible host; DownloadError saying why not."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
+    except Exception:  # InvalidURL, TypeError, an IDNA codec's UnicodeError, …
         raise DownloadError(f"not a valid URL: {url!r}") from None
     if parsed.scheme not in ("http", "https"):
         raise DownloadError(f"refusing non-http(s) URL {url!r}")
+    if not _HOST.fullmatch(parsed.host):  # httpx percent-encodes what no host may hold
+        raise DownloadError(f"not a valid host name in {url!r}: {parsed.host!r}")
+    return parsed
+
+
+def check_url(url: str, allow_private_network: bool) -> httpx.URL:
+    """The URL if clipgram may fetch it; DownloadError saying why not otherwise."""
+    parsed = parse_url(url)
     if not allow_private_network:
         for address in _addresses(parsed.host):
             if not address.is_global:
