@@ -32,8 +32,9 @@ from PIL import Image
 from bench import odd_images as bench_odd_images
 from bench import rerun as bench_rerun
 from bench import search as bench_search
+from bench import startup as bench_startup
 from clipgram import demo, images, loader, synthetic, tables
-from clipgram.config import load_config
+from clipgram.config import defaults, load_config
 from clipgram.models import captioner as captioner_mod
 from clipgram.models import clip as clip_mod
 from clipgram.models import pick_device
@@ -120,7 +121,7 @@ def bench_download(data_dir: Path, site: Path, names: list[str], concurrency: in
     with demo.serve(site) as base:
         tables.write_part(data_dir, tables.MEDIA, "bench",
                           [tables.media_row(n, 0, f"{base}/{n}") for n in names])
-        settings = download.DownloadSettings(concurrency=concurrency, allow_private_network=True)
+        settings = defaults().replace("download", concurrency=concurrency, allow_private_network=True).download
         start = time.perf_counter()
         done = download.download(data_dir, "bench", settings).done
         seconds = time.perf_counter() - start
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                                            args.caption_batch_size, args.workers)
         results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
         results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
+        results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
         # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "clipgram")  # stage logs in the Prefect UI
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # clipgram runs offline too
-# stage functions log outside flow runs too (tests, `clipgram status`): that is not an error
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from prefect import Task, flow, task
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
-from prefect import Task, flow, task  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
-from clipgram import dag, ledger, rerun, runner, storage, taskrunner  # noqa: E402
-from clipgram.config import Config, load_config  # noqa: E402
-from clipgram.lock import account_lock  # noqa: E402
-from clipgram.result import StageResult  # noqa: E402
+from clipgram import dag, ledger, rerun, runner, storage, taskrunner
+from clipgram.config import Config, load_config
+from clipgram.lock import account_lock
+from clipgram.result import StageResult
 
 Settings = dict[str, dict[str, Any]]
 log = logging.getLogger("clipgram.ingest")

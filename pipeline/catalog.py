@@ -14,6 +14,7 @@ it every time.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -123,21 +124,22 @@ def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     return dict(con.execute("SELECT key, value FROM clipgram_meta").fetchall())
 
 
-# The encoder the SQL UDFs use. Connections to one file in one process share one DuckDB
-# database and its UDFs, so the functions are registered once and look the encoder up here.
-_UDF_ENCODER: dict[str, Any] = {}
+# The encoder the SQL UDFs use, as a loader called at their first call: a query that calls
+# no CLIP function never loads a model. Connections to one file in one process share one DuckDB
+# database and its UDFs, so the functions are registered once and look the loader up here.
+_UDF_ENCODER: dict[str, Callable[[], Any]] = {}  # model id → loader (which loads once)
 
 
 @lru_cache(maxsize=256)  # DuckDB may call a scalar UDF once per row, even for a constant
 def _encode_text(model: str, text: str) -> list[float]:
-    return _UDF_ENCODER[model].encode_text([text])[0].tolist()
+    return _UDF_ENCODER[model]().encode_text([text])[0].tolist()
 
 
 @lru_cache(maxsize=64)
 def _encode_image(model: str, path: str) -> list[float]:
     from clipgram import images
 
-    encoder = _UDF_ENCODER[model]
+    encoder = _UDF_ENCODER[model]()
     pixels = encoder.preprocess(images.load_rgb(Path(path).expanduser())).unsqueeze(0)
     return encoder.encode_images(pixels)[0].tolist()
 
@@ -152,12 +154,14 @@ def clip_image(path: str) -> list[float]:
     return _encode_image(next(iter(_UDF_ENCODER)), path)
 
 
-def register_udfs(con: duckdb.DuckDBPyConnection, encoder: Any) -> None:
-    """CLIP in plain SQL: `clip_text(text)` and `clip_image(path)` → FLOAT[d] unit vectors,
-    and the table macros `search_text(q, k)` and `search_image(path, k)` built on them."""
+def register_udfs(con: duckdb.DuckDBPyConnection, model: str, dim: int,
+                  load: Callable[[], Any]) -> None:
+    """CLIP in plain SQL: `clip_text(text)` and `clip_image(path)` → FLOAT[dim] unit vectors,
+    and the table macros `search_text(q, k)` and `search_image(path, k)` built on them.
+    `load()` gives the encoder of `model`; it is called when a query first needs it."""
     _UDF_ENCODER.clear()
-    _UDF_ENCODER[encoder.id] = encoder
-    vector = duckdb.sqltype(f"FLOAT[{encoder.dim}]")
+    _UDF_ENCODER[model] = load
+    vector = duckdb.sqltype(f"FLOAT[{dim}]")
     for function in (clip_text, clip_image):
         try:
             con.create_function(function.__name__, function, [duckdb.sqltype("VARCHAR")], vector,

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import shutil
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from clipgram import catalog, dag, report, search, status, storage
 from clipgram.config import CONFIG_DIR, Config, ConfigError, load_config
 from clipgram.errors import ClipgramError
-from clipgram.models import clip
 from clipgram.result import StageResult
 from clipgram.stages import publish
+
+if TYPE_CHECKING:
+    from clipgram.models.clip import ClipEncoder
 
 log = logging.getLogger("clipgram")
 
@@ -45,7 +50,7 @@ def _config(args: argparse.Namespace, default_file: Path | None = None) -> Confi
             overrides.setdefault(section, {})[key] = getattr(args, flag)
     cfg = load_config(args.config or default_file, overrides)
     if not storage.is_url(cfg.data.dir):
-        cfg.data.dir = str(cfg.data_dir)  # absolute from here on: tasks may run elsewhere
+        cfg = cfg.replace("data", dir=str(cfg.data_dir))  # absolute from here on: tasks may run elsewhere
     storage.pull(cfg.data_dir)  # an object-store data dir: what other machines wrote, first
     return cfg
 
@@ -56,6 +61,12 @@ def _catalog(cfg: Config) -> duckdb.DuckDBPyConnection:
     if storage.remote_url(cfg.data_dir):
         publish.republish(cfg.data_dir)
     return catalog.connect(cfg.data_dir)
+
+
+def _encoder(cfg: Config) -> ClipEncoder:
+    from clipgram.models import clip  # torch and open_clip: only for commands that encode
+
+    return clip.from_config(cfg.models)
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -139,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     mode = "captions" if args.captions else args.mode
     con = _catalog(cfg)  # read-only: a search never writes
     needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
-    encoder = clip.from_config(cfg.models) if needs_model else None
+    encoder = _encoder(cfg) if needs_model else None
     mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode,
                                _filters(args), encoder)
     log.info("%s search: %d hits", mode, len(hits))
@@ -161,8 +172,10 @@ def _run_sql(con: duckdb.DuckDBPyConnection, query: str, fmt: str) -> None:
 def cmd_sql(args: argparse.Namespace) -> int:
     cfg = _config(args)
     con = _catalog(cfg)
-    if catalog.meta(con).get("clip_model"):
-        catalog.register_udfs(con, clip.from_config(cfg.models))
+    stored = catalog.meta(con)
+    if stored.get("clip_model") and stored.get("clip_dim"):
+        catalog.register_udfs(con, stored["clip_model"], int(stored["clip_dim"]),
+                              lambda: _encoder(cfg))
     if args.query:
         _run_sql(con, args.query, _format(args))
         return 0
@@ -206,7 +219,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
                 for s in labels.load_sets(cfg.data_dir).values() for label in s.labels]
         report.print_rows(["label_set", "label", "prompts"], rows, _format(args))
         return 0
-    encoder, stored = clip.from_config(cfg.models), _stored_model(cfg)
+    encoder, stored = _encoder(cfg), _stored_model(cfg)
     if encoder.id != stored:
         raise search.SearchError(f"the catalog's embeddings are from {stored}, not "
                                  f"{encoder.id}: pass the same --clip-model")
@@ -298,10 +311,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from clipgram import schedule
+    from clipgram.flows import deploy  # Prefect is slow to import: only when needed
 
     cfg = _config(args)
     accounts = schedule.load_accounts(args.accounts)
-    schedule.serve(schedule.deployments(accounts, cfg), limit=args.limit)
+    deploy.serve(deploy.deployments(accounts, cfg), limit=args.limit)
     return 0
 
 
@@ -314,7 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recorded = demo.materialize(cfg.data_dir / "recorded" / demo.ACCOUNT, base_url)
         _print_results(cfg, run_ingest(cfg, demo.ACCOUNT, recorded))
     sections = []
-    con, encoder = catalog.connect(cfg.data_dir), clip.from_config(cfg.models)
+    con, encoder = catalog.connect(cfg.data_dir), _encoder(cfg)
     for title, query, mode in [("Text → image (CLIP): 'a blue circle'", "a blue circle", "clip"),
                                ("Hybrid, CLIP + BM25 fused (search's default): 'a blue circle'",
                                 "a blue circle", "hybrid"),
@@ -331,7 +345,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _run_sql(catalog.connect(cfg.data_dir), sql, "table")
     page = report.write_html(cfg.data_dir / "demo.html", sections)
     print(f"\nResults page: {page}")
+    print(f"\nNext, on this library ({cfg.data_dir}):")
+    for line in next_steps(cfg.data_dir):
+        print(f"  {line}")
     return 0
+
+
+# What the demo suggests next: each is run by tests/test_demo.py as printed
+NEXT_STEPS = (
+    ["search", "a red square"],
+    ["search", "a red square", "--mode", "clip", "--html", "results.html"],
+    ["search", "triangle", "--captions"],
+    ["sql", "SELECT caption, count(*) AS images FROM captions GROUP BY ALL ORDER BY images DESC LIMIT 5"],
+    ["status"],
+    ["clusters", "-k", "auto"],
+)
+
+
+def next_steps(data_dir: Path) -> list[str]:
+    """The commands to try on the library in `data_dir`, as a user would type them here."""
+    program = Path(sys.argv[0])
+    # `make demo` runs .venv/bin/clipgram: suggest that path unless clipgram is on the PATH
+    typed = ("clipgram" if shutil.which("clipgram") or program.name != "clipgram"
+             else os.path.relpath(program) if not os.path.relpath(program).startswith("..")
+             else str(program.resolve()))
+    where = [] if data_dir.resolve() == load_config(environ={}).data_dir else ["--data-dir", str(data_dir)]
+    return [shlex.join([typed, command, *where, *rest]) for command, *rest in NEXT_STEPS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,9 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # clipgram's own story at INFO (-v: DEBUG); other libraries only warn (-v: their INFO too)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the story
+    logging.getLogger("clipgram").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose and args.func is not cmd_serve:
+        # Prefect's lines on each task and its temporary server: our stage lines say it all.
+        # `serve` keeps them (they are its story), and so do the UI's run logs: not the console's
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     # ours say what to do; duckdb.Error is the user's own SQL, FileNotFoundError a path they named

@@ -1,18 +1,23 @@
 """Settings: configs/default.toml, then a user TOML file, then CLIPGRAM_<SECTION>_<KEY>
 environment variables, then command-line flags — each layer overriding the last.
 
-default.toml is the schema: it names every key and its type, so an unknown key
-or a value of the wrong type is an error that names the key.
+default.toml gives every key, its default and what it does; the records below give each
+key's type: a plain type, `Literal` choices, `Auto | T` for keys that also take "auto", and
+`Annotated[T, Between(low, high)]` bounds. An unknown key or a value that does not fit is a
+ConfigError that names the key. The records are frozen: what a stage was given is what it used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
+import types
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 from clipgram import storage
 from clipgram.errors import ClipgramError
@@ -29,8 +34,144 @@ class ConfigError(ClipgramError, ValueError):
     pass
 
 
-class Config(SimpleNamespace):
+@dataclass(frozen=True)
+class Between:
+    """Inclusive bounds of a number; None: unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+
+
+Auto = Literal["auto"]
+Count = Annotated[int, Between(1)]
+Seconds = Annotated[float, Between(0)]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dir: str
+    cache_dir: str
+    storage_options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScrapeSettings:
+    limit: Annotated[int, Between(0)]
+    session_user: str
+    session_dir: str
+    since: str
+    full: bool
+    max_wait_s: Seconds
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    concurrency: Count
+    timeout_s: Seconds
+    retries: Annotated[int, Between(0)]
+    max_image_pixels: Count
+    allow_private_network: bool
+    videos: bool
+    max_bytes: Count
+    deadline_s: Seconds
+    decode_deadline_s: Seconds
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    clip: str
+    captioner: str
+    default_clip: str
+    default_captioner: str
+    device: str
+    cache_dir: str
+    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    compile: bool
+    channels_last: bool
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    workers: Auto | Annotated[int, Between(0)]
+    gpu: Auto | bool
+    gpu_share: Auto | Annotated[float, Between(0, 1)]
+    draft_factor: float
+
+    def __post_init__(self) -> None:
+        if self.draft_factor != 0 and self.draft_factor < 1:
+            # below 1 the model would see an image decoded smaller than its input, then upscaled
+            raise ConfigError(f"decode.draft_factor: expected 0 (off) or at least 1, got {self.draft_factor!r}")
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    batch_size: Auto | Count
+    part_rows: Count
+    retry_failed: bool
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    batch_size: Auto | Count
+    # open_clip's generate() needs more tokens than its minimum caption length (5), and a beam
+    # search at least 2 beams
+    max_length: Annotated[int, Between(6, 77)]
+    generation: Literal["beam_search", "top_p", "top_k"]
+    num_beams: Annotated[int, Between(2)]
+    beam_groups: Count
+    top_p: Annotated[float, Between(1e-6, 1.0)]
+    top_k: Count
+    temperature: Annotated[float, Between(1e-6)]
+    decoder: Literal["cached", "open_clip"]
+    retry_failed: bool
+    part_rows: Count
+
+    def __post_init__(self) -> None:
+        if self.num_beams % self.beam_groups:
+            raise ConfigError(f"caption.beam_groups ({self.beam_groups}) must divide "
+                              f"caption.num_beams ({self.num_beams})")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    k: Count
+
+
+@dataclass(frozen=True)
+class OrchestrationSettings:
+    lock_wait_s: Seconds
+    network_retries: Annotated[int, Between(0)]
+    retry_delay_s: Seconds
+    retry_jitter: Annotated[float, Between(0, 1)]
+    ledger_max_parts: Count
+    task_runner: Literal["default", "dask"]
+    dask_address: str
+    dask_workers: Count
+    dask_processes: bool
+    dask_gpu_resource: str
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    duplicate_threshold: Annotated[float, Between(-1, 1)]
+    k_max: Annotated[int, Between(2)]
+    map_method: Literal["auto", "umap", "pca"]
+
+
+@dataclass(frozen=True)
+class Config:
     """Sections as attributes: `cfg.download.concurrency`."""
+
+    data: DataSettings
+    scrape: ScrapeSettings
+    download: DownloadSettings
+    models: ModelSettings
+    decode: DecodeSettings
+    embed: EmbedSettings
+    caption: CaptionSettings
+    search: SearchSettings
+    orchestration: OrchestrationSettings
+    analysis: AnalysisSettings
 
     @property
     def data_dir(self) -> Path:
@@ -38,28 +179,17 @@ class Config(SimpleNamespace):
         return storage.local_dir(self.data.dir, self.data.cache_dir, self.data.storage_options)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dict(vars(section)) for name, section in vars(self).items()}
+        """Plain values, as Prefect parameters and fingerprints take them."""
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str, **values: Any) -> Config:
+        """A copy with some keys of one section changed, checked like any other layer."""
+        return load_config(overrides={**self.as_dict(), section: values}, environ={})
 
 
-# Keys whose default is "auto" and whose other values are not words: the type they take.
-AUTO_TYPES: dict[str, type] = {
-    "decode.workers": int, "decode.gpu": bool, "decode.gpu_share": float,
-    "embed.batch_size": int, "caption.batch_size": int,
-}
-# Keys that take one of a few words.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "models.precision": ("auto", "fp32", "fp16", "bf16"),
-    "caption.generation": ("beam_search", "top_p", "top_k"),
-    "caption.decoder": ("cached", "open_clip"),
-    "orchestration.task_runner": ("default", "dask"),
-}
-
-# Numbers with bounds: (lowest, highest), inclusive; None: unbounded. open_clip's generate()
-# needs more tokens than its minimum caption length (5), and a beam search at least 2 beams.
-BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "caption.max_length": (6, 77), "caption.num_beams": (2, None), "caption.beam_groups": (1, None),
-    "caption.top_k": (1, None), "caption.top_p": (1e-6, 1.0), "caption.temperature": (1e-6, None),
-}
+SECTIONS: dict[str, type] = get_type_hints(Config)
+_HINTS: dict[str, dict[str, Any]] = {
+    name: get_type_hints(record, include_extras=True) for name, record in SECTIONS.items()}
 
 
 def _convert(key: str, value: Any, kind: type) -> Any:
@@ -86,54 +216,70 @@ def _convert(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check `value` against the key's type (that of its default, or AUTO_TYPES)."""
-    if key in AUTO_TYPES:
+def _fit(key: str, value: Any, hint: Any, auto: bool = False) -> Any:
+    """`value` checked against the type `hint` names (see the module's docstring)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):  # Auto | T
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        value = _convert(key, value, AUTO_TYPES[key])
-        if AUTO_TYPES[key] is int and value < (0 if key == "decode.workers" else 1):
-            raise ConfigError(f"{key}: expected \"auto\" or a count, got {value!r}")
-        if AUTO_TYPES[key] is float and not 0 <= value <= 1:
-            raise ConfigError(f"{key}: expected \"auto\" or a share from 0 to 1, got {value!r}")
+        return _fit(key, value, next(a for a in get_args(hint) if a != Auto), auto=True)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
         return value
-    value = _convert(key, value, type(default))
-    if key == "decode.draft_factor" and value != 0 and value < 1:
-        # below 1 the model would see an image decoded smaller than its input, then upscaled
-        raise ConfigError(f"{key}: expected 0 (off) or at least 1, got {value!r}")
-    low, high = BOUNDS.get(key, (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{key}: expected a value from {low} to {high or 'any'}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
-    return value
+    if origin is Annotated:
+        kind, bounds = get_args(hint)
+        value = _fit(key, value, kind)
+        low, high = bounds.low, bounds.high
+        if (low is not None and value < low) or (high is not None and value > high):
+            what = "a count" if kind is int and low == 1 and high is None else \
+                f"a value from {low} to {'any' if high is None else high}"
+            either = '"auto" or ' if auto else ""
+            raise ConfigError(f"{key}: expected {either}{what}, got {value!r}")
+        return value
+    return _convert(key, value, origin or hint)
 
 
 def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
     for section, values in layer.items():
-        if section not in base:
-            raise ConfigError(f"unknown section [{section}] in {origin}; known: {', '.join(base)}")
+        if section not in _HINTS:
+            raise ConfigError(f"unknown section [{section}] in {origin}; known: {', '.join(_HINTS)}")
         if not isinstance(values, Mapping):
             raise ConfigError(f"[{section}] in {origin} must be a table")
         for key, value in values.items():
-            if key not in base[section]:
+            if key not in _HINTS[section]:
                 raise ConfigError(
-                    f"unknown key {section}.{key} in {origin}; known: {', '.join(base[section])}"
+                    f"unknown key {section}.{key} in {origin}; known: {', '.join(_HINTS[section])}"
                 )
-            base[section][key] = _coerce(f"{section}.{key}", value, base[section][key])
+            base[section][key] = _fit(f"{section}.{key}", value, _HINTS[section][key])
 
 
-def _env_layer(base: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> dict[str, dict]:
+def _env_layer(environ: Mapping[str, str]) -> dict[str, dict]:
     layer: dict[str, dict[str, str]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         rest = name[len(ENV_PREFIX):].lower()
-        section = next((s for s in base if rest.startswith(s + "_")), None)
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
             continue  # not a settings variable (e.g. CLIPGRAM_TEST_MODEL_CACHE)
         layer.setdefault(section, {})[rest[len(section) + 1:]] = value
     return layer
+
+
+@cache
+def _defaults() -> dict[str, dict[str, Any]]:
+    """default.toml, checked against the records: a key missing on either side is a bug here."""
+    with open(DEFAULT_FILE, "rb") as f:
+        shipped = tomllib.load(f)
+    for section, hints in _HINTS.items():
+        if set(shipped.get(section, {})) != set(hints):
+            raise AssertionError(f"{DEFAULT_FILE} [{section}] and config.{SECTIONS[section].__name__} "
+                                 "name different keys")
+    base: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    _merge(base, shipped, str(DEFAULT_FILE))
+    return base
 
 
 def load_config(
@@ -142,8 +288,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the settings: defaults < file at `path` < environment < `overrides`."""
-    with open(DEFAULT_FILE, "rb") as f:
-        merged: dict[str, dict[str, Any]] = tomllib.load(f)
+    merged = {section: dict(values) for section, values in _defaults().items()}
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -153,13 +298,13 @@ def load_config(
                 _merge(merged, tomllib.load(f), str(path))
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{path}: {e}") from None
-    env = os.environ if environ is None else environ
-    _merge(merged, _env_layer(merged, env), "environment")
+    _merge(merged, _env_layer(os.environ if environ is None else environ), "environment")
     if overrides:
         _merge(merged, {s: {k: v for k, v in kv.items() if v is not None}
                         for s, kv in overrides.items()}, "command line")
-    caption = merged["caption"]
-    if caption["num_beams"] % caption["beam_groups"]:
-        raise ConfigError(f"caption.beam_groups ({caption['beam_groups']}) must divide "
-                          f"caption.num_beams ({caption['num_beams']})")
-    return Config(**{name: SimpleNamespace(**values) for name, values in merged.items()})
+    return Config(**{name: record(**merged[name]) for name, record in SECTIONS.items()})
+
+
+def defaults() -> Config:
+    """The shipped settings alone, no environment: what tests and benchmarks start from."""
+    return load_config(environ={})

@@ -8,15 +8,14 @@ a stage is one entry here plus its module.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from clipgram import tables
 from clipgram.config import Config
-from clipgram.models import captioner, clip
 from clipgram.result import StageResult
-from clipgram.stages import caption, download, embed, publish, scrape
 
 # where scrape reads from: (recorded instaloader JSON dir, folder or URL list); both None: Instagram
 Origin = tuple[str | None, str | None]
@@ -35,17 +34,38 @@ class Stage:
     settings: tuple[str, ...] = ()
 
 
+# Each stage's module is imported when the stage runs: they bring torch, open_clip, httpx and
+# instaloader, which commands that only read the DAG (`clipgram status`, `sql`) never need.
 def _scrape(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.stages import scrape
+
     recorded, source = origin
     return scrape.collect(cfg, account, Path(recorded) if recorded else None,
-                   Path(source) if source else None)
+                          Path(source) if source else None)
 
 
 def _download(cfg: Config, account: str, origin: Origin) -> StageResult:
-    return download.download(cfg.data_dir, account, download.DownloadSettings.from_config(cfg))
+    from clipgram.stages import download
+
+    return download.download(cfg.data_dir, account, cfg.download)
+
+
+def _embed(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.stages import embed
+
+    return embed.embed(cfg.data_dir, account, cfg)
+
+
+def _caption(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.stages import caption
+
+    return caption.caption(cfg.data_dir, account, cfg)
 
 
 def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.models import captioner, clip
+    from clipgram.stages import publish
+
     encoder = clip.from_config(cfg.models)
     model = captioner.from_config(cfg.models, cfg.caption)
     return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
@@ -60,10 +80,10 @@ DAG: tuple[Stage, ...] = (
     Stage("download", _download, network=True, tables=lambda account: [_media(account)]),
     # the model stages include their output tables: deleting parts (or another account adding
     # shared images) makes them look again
-    Stage("embed", lambda cfg, account, _: embed.embed(cfg.data_dir, account, cfg), gpu=True,
+    Stage("embed", _embed, gpu=True,
           tables=lambda account: [_media(account), f"{tables.EMBEDDINGS.name}/**/*.parquet"],
           settings=("models", "embed")),
-    Stage("caption", lambda cfg, account, _: caption.caption(cfg.data_dir, account, cfg), gpu=True,
+    Stage("caption", _caption, gpu=True,
           tables=lambda account: [_media(account), f"{tables.CAPTIONS.name}/**/*.parquet"],
           settings=("models", "caption")),
     Stage("publish", _publish,
@@ -93,5 +113,5 @@ def fingerprint(cfg: Config, account: str, stage: Stage) -> Callable[[], str] | 
     if stage.tables is None:
         return None
     globs = stage.tables(account)
-    settings = [vars(getattr(cfg, section)) for section in stage.settings]
+    settings = [dataclasses.asdict(getattr(cfg, section)) for section in stage.settings]
     return lambda: tables.fingerprint(cfg.data_dir, globs, *settings)

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from clipgram import images
+from clipgram.config import Config
 
 log = logging.getLogger("clipgram.loader")
 
@@ -63,7 +64,7 @@ class LoaderSettings:
 AUTO_BATCH = {"embed": {"cpu": 32, "cuda": (64, 1024)}, "caption": {"cpu": 32, "cuda": (16, 512)}}
 
 
-def loader_settings(cfg: Any, stage: str, device: torch.device) -> LoaderSettings:
+def loader_settings(cfg: Config, stage: str, device: torch.device) -> LoaderSettings:
     """Resolve the "auto" values of [decode] and [<stage>] batch_size for `device`."""
     gpu = device.type == "cuda"
     batch, probe = getattr(cfg, stage).batch_size, 0

@@ -9,7 +9,7 @@
     clip_model = "ViT-B-32:laion2b_s34b_b79k"   # shorthand for settings.models.clip
     settings = { download = { concurrency = 4 } }   # any [section] key of default.toml
 
-`clipgram serve` builds the deployments and serves them (prefect.serve)
+`clipgram serve` builds the deployments (clipgram.flows.deploy) and serves them (prefect.serve)
 against the Prefect API: the ephemeral one by default, a `prefect server
 start` when PREFECT_API_URL is set. Each run gets the settings resolved when
 serve started, so edit the file and restart serve to change them.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from clipgram import tables
-from clipgram.config import Config, ConfigError, load_config
+from clipgram.config import ConfigError, load_config
 
 SHORTHANDS = {"limit": ("scrape", "limit"), "clip_model": ("models", "clip"),
               "captioner": ("models", "captioner")}
@@ -115,33 +115,3 @@ def load_accounts(path: Path) -> list[Account]:
     if not accounts:
         raise ConfigError(f"{path} lists no [[account]]: add one (see the comments in it)")
     return accounts
-
-
-def deployments(accounts: list[Account], cfg: Config) -> list[Any]:
-    """One Prefect deployment of the ingest flow per account, with its schedule and settings."""
-    from prefect.schedules import Cron, Interval
-
-    from clipgram.flows.ingest import ingest_account  # Prefect is slow to import: only when needed
-
-    out = []
-    for account in accounts:
-        base = cfg.as_dict()
-        for section, values in account.settings.items():
-            base[section].update(values)
-        settings = load_config(overrides=base, environ={}).as_dict()
-        schedule = (Cron(account.cron, timezone=account.timezone) if account.cron
-                    else Interval(account.interval, timezone=account.timezone))
-        out.append(ingest_account.to_deployment(
-            name=account.deployment_name, schedule=schedule, paused=account.paused,
-            parameters={"account": account.name, "settings": settings, "recorded": account.recorded},
-            tags=["clipgram", f"account:{account.name}"],
-            description=f"Ingest Instagram account {account.name} on a schedule",
-            concurrency_limit=1))  # runs of one account queue up instead of colliding
-    return out
-
-
-def serve(deployments: list[Any], limit: int | None = None) -> None:
-    """Serve the deployments until interrupted (Ctrl-C)."""
-    from prefect import serve as prefect_serve
-
-    prefect_serve(*deployments, limit=limit)

@@ -26,7 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import duckdb
 import numpy as np
@@ -34,7 +34,9 @@ import pyarrow as pa
 
 from clipgram import catalog, images
 from clipgram.errors import ClipgramError
-from clipgram.models import clip
+
+if TYPE_CHECKING:  # the encoder comes from the caller: searching loads no model itself
+    from clipgram.models import clip
 
 RRF_K = 60
 RRF_POOL = 100

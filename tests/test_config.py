@@ -65,7 +65,7 @@ def test_the_gpu_share_reaches_the_loader(value, expected):
 @pytest.mark.parametrize("environ, message", [
     ({"CLIPGRAM_EMBED_BATCH_SIZE": "0"}, "embed.batch_size"),
     ({"CLIPGRAM_DECODE_GPU": "maybe"}, "decode.gpu: expected bool"),
-    ({"CLIPGRAM_DECODE_GPU_SHARE": "1.5"}, "decode.gpu_share: expected \"auto\" or a share from 0 to 1"),
+    ({"CLIPGRAM_DECODE_GPU_SHARE": "1.5"}, "decode.gpu_share: expected \"auto\" or a value from 0 to 1"),
     ({"CLIPGRAM_DECODE_GPU_SHARE": "most"}, "decode.gpu_share: expected float"),
     ({"CLIPGRAM_MODELS_PRECISION": "fp8"}, "models.precision: expected one of"),
 ])

@@ -60,9 +60,7 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
                                np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)
 
     # a rerun on a LocalCluster the runner starts itself finds nothing to do, writes no row twice
-    cfg.orchestration.dask_address = ""
-    cfg.orchestration.dask_processes = False
-    cfg.orchestration.dask_gpu_resource = ""
+    cfg = cfg.replace("orchestration", dask_address="", dask_processes=False, dask_gpu_resource="")
     again = ingest_account(A, cfg.as_dict(), str(recorded))
     assert [r.stage for r in again] == list(dag.NAMES)
     assert sum(r.done for r in again) == 0

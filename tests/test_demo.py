@@ -2,10 +2,11 @@
 
 import json
 import re
+import shlex
 from html.parser import HTMLParser
 
 from clipgram import demo
-from clipgram.cli import main
+from clipgram.cli import main, next_steps
 
 
 class _Images(HTMLParser):
@@ -22,6 +23,7 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
                                                          capsys, tiny_clip_ckpt, tiny_coca_ckpt):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")           # the real default's weights: not here
     monkeypatch.setenv("CLIPGRAM_MODELS_CACHE_DIR", str(tiny_clip_ckpt.parent))
+    monkeypatch.chdir(tmp_path)  # a suggested search writes results.html here
     data = tmp_path / "demo"
     assert main(["demo", "--data-dir", str(data), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -30,6 +32,13 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     assert "Text → image (CLIP)" in out and "Hybrid, CLIP + BM25" in out
     assert "Caption full-text (BM25)" in out and "top hashtags" in out
     assert re.search(r"^1\s+-?\d\.\d{4}\s+clipgram\.demo\s+CgDemo\d{4}", out, re.MULTILINE)
+
+    # it ends with what to try next, each command working on its library as printed
+    steps = out.split("Next, on this library")[1].strip().splitlines()[1:]
+    assert [line.strip() for line in steps] == next_steps(data)
+    for line in steps:
+        assert main(shlex.split(line)[1:]) == 0, line
+    assert "1 " in capsys.readouterr().out  # the searches found something
 
     page = data / "demo.html"
     parser = _Images()

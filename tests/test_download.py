@@ -6,12 +6,14 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from clipgram import tables
+from clipgram.config import defaults
 from clipgram.stages import download
 
 ACCOUNT = "faults"
@@ -130,7 +132,7 @@ def server():
     httpd.server_close()
 
 
-FAST = download.DownloadSettings(concurrency=4, timeout_s=0.5, retries=2, allow_private_network=True)
+FAST = defaults().replace("download", concurrency=4, timeout_s=0.5, retries=2, allow_private_network=True).download
 # path → (status, text the error must contain; None when done)
 CASES = {
     "red": ("done", None), "red-again": ("done", None), "blue": ("done", None),
@@ -185,8 +187,7 @@ def test_each_fault_ends_in_the_right_row_and_the_rest_download(tmp_path, server
 
 
 def test_a_body_too_large_or_too_slow_is_refused_whatever_the_headers_say(tmp_path, server):
-    hostile = download.DownloadSettings(concurrency=4, timeout_s=0.5, retries=2, allow_private_network=True,
-                                        max_bytes=200_000, deadline_s=1.0)
+    hostile = replace(FAST, max_bytes=200_000, deadline_s=1.0)
     names = ["huge", "endless", "trickle", "loop", "red"]
     _queue(tmp_path, server, names)
     result = download.download(tmp_path, ACCOUNT, hostile)
@@ -236,7 +237,7 @@ def test_a_file_missing_from_the_store_is_fetched_again(tmp_path, server):
 
 def test_local_addresses_are_refused_unless_allowed(tmp_path, server):
     _queue(tmp_path, server, ["red"])
-    strict = download.DownloadSettings(concurrency=2, timeout_s=2, retries=0)
+    strict = defaults().replace("download", concurrency=2, timeout_s=2, retries=0).download
     assert download.download(tmp_path, ACCOUNT, strict).failed == 1
     status, error, *_ = _media(tmp_path)["red"]
     assert status == "failed" and "allow-private-network" in error
@@ -274,7 +275,7 @@ def test_videos_are_fetched_only_when_asked(tmp_path, server):
          "is_video": True, "video_url": f"{server}/missing.mp4", "status": "pending"}])
     download.download(tmp_path, ACCOUNT, FAST)
     assert "/clip.mp4" not in Faults.hits
-    with_videos = download.DownloadSettings(**{**vars(FAST), "videos": True})
+    with_videos = replace(FAST, videos=True)
     download.download(tmp_path, ACCOUNT, with_videos)
     rows = {r[0]: r[1:] for r in tables.connect(tmp_path).execute(
         "SELECT shortcode, status, video_path, error FROM media").fetchall()}

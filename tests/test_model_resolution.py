@@ -148,8 +148,10 @@ def test_an_hf_hub_model_with_a_hugging_face_tokenizer_gets_it_by_its_hub_id(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
 def test_no_gpu_means_the_cpu_and_one_log_line(caplog):
-    from clipgram.models import pick_device
+    from clipgram import models
 
+    models._say_cpu.cache_clear()  # as in a fresh process
     with caplog.at_level(logging.INFO, logger="clipgram.models"):
-        assert pick_device("auto") == torch.device("cpu")
+        assert models.pick_device("auto") == torch.device("cpu")
+        assert models.pick_device("auto") == torch.device("cpu")  # a second model: said once
     assert [r.getMessage() for r in caplog.records] == ["no GPU found: running models on the CPU"]

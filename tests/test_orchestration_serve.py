@@ -14,6 +14,7 @@ import yaml
 
 from clipgram import schedule
 from clipgram.config import ConfigError
+from clipgram.flows import deploy
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCOUNTS = """
@@ -50,7 +51,7 @@ def test_accounts_file_gives_each_account_its_schedule_and_settings(accounts_fil
     assert accounts["gamma"].cron == "0 */6 * * *"  # from [defaults]
 
     cfg = make_config(tmp_path / "data")
-    deployments = {d.name: d for d in schedule.deployments(list(accounts.values()), cfg)}
+    deployments = {d.name: d for d in deploy.deployments(list(accounts.values()), cfg)}
     assert sorted(deployments) == ["ingest-alpha", "ingest-beta", "ingest-gamma"]
     alpha, beta = deployments["ingest-alpha"], deployments["ingest-beta"]
     assert alpha.schedules[0].schedule.cron == "15 * * * *"

@@ -10,6 +10,7 @@ import pytest
 from realdata import sample_dir, sample_sets, serve_cdn
 
 from clipgram import tables
+from clipgram.config import defaults
 from clipgram.sources import urls
 from clipgram.stages import download
 
@@ -59,10 +60,10 @@ def test_img2dataset_list_downloads_its_urls_and_fails_only_its_stray_word(tmp_p
         moved.write_text("\n".join(re.sub(r"^https?://", f"{cdn.base_url}/", line)
                                    for line in [*lines[:500], lines[3053]]) + "\n")
         scanned = urls.scan(tmp_path / "data", "i2d", moved)
-        fetched = download.download(tmp_path / "data", "i2d", download.DownloadSettings(
-            concurrency=8, timeout_s=10, allow_private_network=True))
-        again = download.download(tmp_path / "data", "i2d", download.DownloadSettings(
-            concurrency=8, timeout_s=10, allow_private_network=True))
+        settings = defaults().replace("download", concurrency=8, timeout_s=10,
+                                      allow_private_network=True).download
+        fetched = download.download(tmp_path / "data", "i2d", settings)
+        again = download.download(tmp_path / "data", "i2d", settings)
     con = tables.connect(tmp_path / "data")
     failed = con.execute("SELECT error FROM media WHERE status = 'failed'").fetchall()
     assert scanned.failed == len(failed) == 1 and failed[0][0].startswith("line 501 ")

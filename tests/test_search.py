@@ -1,6 +1,9 @@
 """Search modes, filters inside the query, safe --where, SQL macros: on the ingested sample."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -150,3 +153,21 @@ def test_clear_errors(env, capsys):
     assert code == 2 and "not found" in err
     code, err = _cli(cfg, capsys, "search", '"a dog" - "a dog"', "--mode", "clip")
     assert code == 2 and "cancel out" in err
+
+
+@pytest.mark.parametrize("argv, loads_model", [
+    (["sql", "SELECT count(*) FROM images"], False),
+    (["status"], False),
+    (["search", "triangle", "--captions"], False),
+    (["sql", "SELECT media_id FROM search_text('a green circle', 3)"], True),
+])
+def test_a_command_loads_a_model_only_when_it_needs_one(env, argv, loads_model):
+    cfg, _, _ = env
+    probe = ("import sys\nfrom clipgram.cli import main\n"
+             f"assert main({argv!r} + ['--data-dir', {str(cfg.data_dir)!r}, '--clip-model', 'tiny',"
+             f" '--device', 'cpu']) == 0\n"
+             "print('LOADED' if 'open_clip' in sys.modules else 'NONE')")
+    env_vars = {**os.environ, "CLIPGRAM_MODELS_CACHE_DIR": str(cfg.models.cache_dir)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env_vars)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == ("LOADED" if loads_model else "NONE")

@@ -7,12 +7,13 @@ from PIL import Image
 
 from clipgram import catalog, search, synthetic, tables
 from clipgram.cli import main
+from clipgram.config import defaults
 from clipgram.flows.ingest import ingest_account
 from clipgram.models import clip
 from clipgram.sources import folder, urls
-from clipgram.stages import download
 
-SETTINGS = download.DownloadSettings(concurrency=2, timeout_s=5, retries=1, allow_private_network=True)
+SETTINGS = defaults().replace("download", concurrency=2, timeout_s=5, retries=1,
+                              allow_private_network=True).download
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ the chosen device. Another family plugs in by providing the same methods as
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Any
@@ -25,8 +26,13 @@ def pick_device(preference: str = "auto") -> torch.device:
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
-    log.info("no GPU found: running models on the CPU")
+    _say_cpu()
     return torch.device("cpu")
+
+
+@functools.cache
+def _say_cpu() -> None:  # once per process, not once per model
+    log.info("no GPU found: running models on the CPU")
 
 
 def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import open_clip
 import torch
 
+from clipgram.config import CaptionSettings, ModelSettings
 from clipgram.models import autocast, cached_coca, load, pick_device, resolve, tiny
 from clipgram.models.clip import model_cache_dir
 
@@ -38,7 +39,7 @@ class Decoding:
     decoder: str = "cached"         # cached_coca (one token a step), or "open_clip"'s generate()
 
     @classmethod
-    def from_config(cls, caption: Any) -> Decoding:
+    def from_config(cls, caption: CaptionSettings) -> Decoding:
         return cls(caption.generation, caption.max_length, caption.num_beams, caption.beam_groups,
                    caption.top_p, caption.top_k, caption.temperature, caption.decoder)
 
@@ -106,7 +107,7 @@ def _captioner(spec: str, default: str, cache_dir: str, device: str, precision: 
     return Captioner(resolved, pick_device(device), decoding=decoding, precision=precision)
 
 
-def from_config(models: Any, caption: Any) -> Captioner:
+def from_config(models: ModelSettings, caption: CaptionSettings) -> Captioner:
     """The captioner the `[models]` and `[caption]` settings name (loaded once per process)."""
     return _captioner(models.captioner, models.default_captioner, models.cache_dir, models.device,
                       models.precision, Decoding.from_config(caption))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipgram.config import ModelSettings
 from clipgram.models import autocast, load, pick_device, resolve, tiny
 
 
@@ -78,7 +79,7 @@ def _encoder(spec: str, default: str, cache_dir: str, device: str, precision: st
                        channels_last=channels_last)
 
 
-def from_config(models: Any) -> ClipEncoder:
+def from_config(models: ModelSettings) -> ClipEncoder:
     """The encoder the `[models]` settings name (loaded once per process)."""
     return _encoder(models.clip, models.default_clip, models.cache_dir, models.device,
                     models.precision, models.compile, models.channels_last)

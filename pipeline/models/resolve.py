@@ -162,7 +162,7 @@ def resolve(spec: str, *, default: str, tiny_arch: str, cache_dir: Path) -> Reso
             return resolve(default, default=default, tiny_arch=tiny_arch, cache_dir=cache_dir)
         except WeightsUnavailable as e:
             log.warning("model auto: %s is unavailable, using the offline model %s (%s)",
-                        default, tiny_arch, str(e).split(".")[0])
+                        default, tiny_arch, str(e).split(". ")[0])
             return resolve("tiny", default=default, tiny_arch=tiny_arch, cache_dir=cache_dir)
     if spec == "tiny":
         return _checkpoint(tiny_arch, tiny.ensure_checkpoint(tiny_arch, cache_dir))

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from clipgram import tables
+from clipgram.config import DownloadSettings
 from clipgram.result import StageResult
 from clipgram.stages import download
 
@@ -51,7 +52,7 @@ def post_row(account: str, shortcode: str, taken_at: datetime | None, caption: s
                            is_video=False, typename=typename, permalink=permalink, media_count=1)
 
 
-def scan(data_dir: Path, account: str, folder: Path, settings: download.DownloadSettings) -> StageResult:
+def scan(data_dir: Path, account: str, folder: Path, settings: DownloadSettings) -> StageResult:
     """Import the images under `folder` not imported yet; posts and media rows like a scrape's."""
     tables.check_partition_value(account)
     if not folder.is_dir():
@@ -80,7 +81,7 @@ def scan(data_dir: Path, account: str, folder: Path, settings: download.Download
         except Exception as e:  # whatever one file does, it is that file's failed row
             return {**row, "status": "failed", "error": download.item_failure(e)}
 
-    with settings.verifier() as check:
+    with download.verifiers(settings) as check:
         result = download.process(data_dir, account, "import", media, work, settings.concurrency)
     # posts after their media, as in a scrape: a post row marks a finished import
     tables.write_part(data_dir, tables.POSTS, account, [post for _, post in todo])

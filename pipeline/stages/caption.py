@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from clipgram import inference, loader, tables
+from clipgram.config import Config
 from clipgram.models import captioner
 from clipgram.result import StageResult
 
@@ -42,7 +43,7 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
     return rows
 
 
-def caption(data_dir: Path, account: str, cfg: Any, model: captioner.Captioner | None = None) -> StageResult:
+def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captioner | None = None) -> StageResult:
     """Caption the account's downloaded images not yet captioned by the configured captioner."""
     model = model or captioner.from_config(cfg.models, cfg.caption)
     return inference.run(

@@ -25,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,6 +32,7 @@ import httpx
 from tqdm import tqdm
 
 from clipgram import images, storage, tables, verifier
+from clipgram.config import DownloadSettings
 from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.download")
@@ -41,27 +41,11 @@ FLUSH_EVERY = 256   # media rows per written part: a killed run keeps what it fi
 FLUSH_EVERY_S = 10  # …or seconds, whichever comes first
 
 
-@dataclass(frozen=True)
-class DownloadSettings:
-    concurrency: int = 8
-    timeout_s: float = 30.0              # connect / between two reads
-    retries: int = 3
-    max_image_pixels: int = 89_478_485
-    allow_private_network: bool = False  # URLs (and redirects) into loopback/private networks
-    videos: bool = False                 # also fetch the video behind a video's thumbnail
-    max_bytes: int = 50_000_000          # a larger body is refused, whatever its headers say
-    deadline_s: float = 120.0            # one file's whole transfer, however slowly it trickles
-    decode_deadline_s: float = 20.0      # one file's verification decode
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "DownloadSettings":
-        d = vars(cfg.download)
-        return cls(**{name: d[name] for name in cls.__dataclass_fields__})
-
-    def verifier(self) -> verifier.Verifier:
-        """Worker processes that verify this stage's files (one per core at most)."""
-        return verifier.Verifier(verifier.VerifySettings(
-            self.max_image_pixels, self.decode_deadline_s, min(self.concurrency, os.cpu_count() or 1)))
+def verifiers(settings: DownloadSettings) -> verifier.Verifier:
+    """Worker processes that verify the stage's files (one per core at most)."""
+    return verifier.Verifier(verifier.VerifySettings(
+        settings.max_image_pixels, settings.decode_deadline_s,
+        min(settings.concurrency, os.cpu_count() or 1)))
 
 
 class DownloadError(Exception):
@@ -336,7 +320,7 @@ def _todo(data_dir: Path, account: str, videos: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def download(data_dir: Path, account: str, settings: DownloadSettings = DownloadSettings()) -> StageResult:
+def download(data_dir: Path, account: str, settings: DownloadSettings) -> StageResult:
     """Download every pending image of `account` (and its videos, with `settings.videos`)."""
     todo = _todo(data_dir, account, settings.videos)
     if (data_dir / "media").is_dir():
@@ -344,7 +328,7 @@ def download(data_dir: Path, account: str, settings: DownloadSettings = Download
     limits = httpx.Limits(max_connections=settings.concurrency,
                           max_keepalive_connections=settings.concurrency)
     with httpx.Client(timeout=settings.timeout_s, limits=limits, follow_redirects=False) as client, \
-            settings.verifier() as check:
+            verifiers(settings) as check:
         return process(data_dir, account, "download", todo,
                        lambda row: download_one(client, row, data_dir, settings, check),
                        settings.concurrency)

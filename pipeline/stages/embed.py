@@ -8,11 +8,12 @@ from typing import Any
 import torch
 
 from clipgram import inference, loader, tables
+from clipgram.config import Config
 from clipgram.models import clip
 from clipgram.result import StageResult
 
 
-def embed(data_dir: Path, account: str, cfg: Any, encoder: clip.ClipEncoder | None = None) -> StageResult:
+def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder | None = None) -> StageResult:
     """Embed the account's downloaded images not yet embedded by the configured model."""
     encoder = encoder or clip.from_config(cfg.models)
 

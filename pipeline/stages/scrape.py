@@ -12,7 +12,6 @@ from pathlib import Path
 from clipgram.config import Config, ConfigError
 from clipgram.result import StageResult
 from clipgram.sources import folder, instagram, urls
-from clipgram.stages import download
 
 
 def parse_since(value: str) -> datetime | None:
@@ -44,7 +43,7 @@ def collect(cfg: Config, account: str, recorded: Path | None = None,
     if source is None:
         return instagram.scrape(cfg.data_dir, account, recorded, scrape_settings(cfg))
     if source.is_dir():
-        return folder.scan(cfg.data_dir, account, source, download.DownloadSettings.from_config(cfg))
+        return folder.scan(cfg.data_dir, account, source, cfg.download)
     if source.is_file():
         return urls.scan(cfg.data_dir, account, source)
     raise FileNotFoundError(f"{source} is neither a folder nor a URL list file")
