@@ -13,13 +13,13 @@ bench/results.json under "rerun".
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import save_section
 from clipgram import synthetic, tables
 from clipgram.config import load_config
 
@@ -63,12 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
-    result = run(args.images)
-    print(json.dumps(result, indent=2))
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["rerun"] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    save_section(args.out, "rerun", run(args.images))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from bench import save_section
 from clipgram import catalog
 from clipgram.search import VectorIndex, write_matrix
 
@@ -231,12 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=QUERIES)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["search"] = run(tuple(args.sizes), tuple(args.hnsw_sizes), args.queries,
-                            ef_search=args.ef_search)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results["search"], indent=2))
+    save_section(args.out, "search", run(tuple(args.sizes), tuple(args.hnsw_sizes), args.queries,
+                                         ef_search=args.ef_search))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ CLIP model once. Results merge into bench/results.json under "startup".
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import save_section
 
 CLIPGRAM = [sys.executable, "-m", "clipgram.cli"]
 COMMANDS = {
@@ -54,11 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
-    results = run(args.repeats)
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-    merged["startup"] = results
-    args.out.write_text(json.dumps(merged, indent=2))
-    print(json.dumps(results, indent=2))
+    save_section(args.out, "startup", run(args.repeats))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from clipgram import catalog, dag, report, search, status, storage
-from clipgram.config import CONFIG_DIR, Config, ConfigError, load_config
+from clipgram.config import CONFIG_DIR, Config, ConfigError, defaults, load_config
 from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
 from clipgram.stages import publish
@@ -364,12 +364,12 @@ NEXT_STEPS = (
 
 def next_steps(data_dir: Path) -> list[str]:
     """The commands to try on the library in `data_dir`, as a user would type them here."""
-    program = Path(sys.argv[0])
-    # `make demo` runs .venv/bin/clipgram: suggest that path unless clipgram is on the PATH
-    typed = ("clipgram" if shutil.which("clipgram") or program.name != "clipgram"
-             else os.path.relpath(program) if not os.path.relpath(program).startswith("..")
-             else str(program.resolve()))
-    where = [] if data_dir.resolve() == load_config(environ={}).data_dir else ["--data-dir", str(data_dir)]
+    program, typed = Path(sys.argv[0]), "clipgram"
+    if program.name == "clipgram" and not shutil.which("clipgram"):
+        # `make demo` runs .venv/bin/clipgram: suggest that path, relative when it is below here
+        relative = os.path.relpath(program)
+        typed = str(program.resolve()) if relative.startswith("..") else relative
+    where = [] if data_dir.resolve() == defaults().data_dir else ["--data-dir", str(data_dir)]
     return [shlex.join([typed, command, *where, *rest]) for command, *rest in NEXT_STEPS]
 
 
