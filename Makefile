@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint sample browser
+.PHONY: setup demo test bench lint sample models browser
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ lint: setup
 
 sample: setup      ## re-render pipeline/demo_profile (deterministic)
 	$(PY) -m clipgram.demo
+
+models: setup      ## retrain the offline models and rewrite their shipped weights (pipeline/models/weights)
+	$(PY) -m clipgram.models.tiny
 
 # Chromium for tests/test_report_browser.py. Installs only as root with apt-get (CI); elsewhere it
 # says so and succeeds: those tests then skip, the rest of `make test` is unaffected.

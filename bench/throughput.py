@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import app as bench_app
 from bench import odd_images as bench_odd_images
 from bench import rerun as bench_rerun
 from bench import search as bench_search
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
         results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
         results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
+        results["app"] = bench_app.run(images=100_000, repeats=100)  # the app over HTTP, 100k images
         # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:

@@ -26,6 +26,8 @@ from clipgram.analysis import derived
 from clipgram.errors import ClipgramError
 
 CATALOG = "catalog.duckdb"
+SNAPSHOT_TABLES = ("images", "search_rows", "media")
+CATALOG_NAME = "catalog"  # its database name: the file's stem, and the name a snapshot attaches it by
 # The models the catalog was last published with. Beside the data, not in the catalog: a
 # machine mirroring an object-store data dir builds its own catalog from it (storage.py)
 MODELS_FILE = "catalog.json"
@@ -107,17 +109,63 @@ _UDF_MACROS = [
        ORDER BY score DESC, i.media_id LIMIT k""",
 ]
 
-def connect(data_dir: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """Open the catalog with paths resolving inside `data_dir` and the fts extension loaded."""
+def _path(data_dir: Path) -> Path:
     path = data_dir / CATALOG
     if not path.exists():
         raise CatalogMissing(f"no catalog at {storage.remote_url(data_dir) or path}: "
                              "run `clipgram ingest ACCOUNT` first "
                              f"(or pass --data-dir to the directory that holds it)")
-    con = duckdb.connect(str(path), read_only=read_only)
-    con.execute(f"SET file_search_path = '{data_dir}'")
+    return path
+
+
+def connect(data_dir: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open the catalog with paths resolving inside `data_dir` and the fts extension loaded."""
+    con = duckdb.connect(str(_path(data_dir)), read_only=read_only)
+    _session(con, data_dir)
     load_extension(con, "fts")
     return con
+
+
+def snapshot(data_dir: Path) -> duckdb.DuckDBPyConnection:
+    """The catalog as published now, read-only, for a process that outlives publishes (the app).
+
+    DuckDB keeps one database instance per file per process, so connecting again after a
+    publish would see the old catalog as long as any connection to it is open. Here each
+    snapshot is an in-memory database of its own with the catalog file attached, and the
+    views every search reads row by row (SNAPSHOT_TABLES) are computed once, into tables of
+    that database: a view recomputes its Parquet joins at each query.
+    """
+    path = str(_path(data_dir)).replace("'", "''")
+    con = duckdb.connect()
+    load_extension(con, "fts")
+    con.execute(f"ATTACH '{path}' AS {CATALOG_NAME} (READ_ONLY)")
+    _session(con, data_dir)
+    present = {name for name, in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = ?", [CATALOG_NAME]).fetchall()}
+    for name in sorted(set(SNAPSHOT_TABLES) & present):  # no search_rows without a vector index
+        con.execute(f"CREATE TABLE memory.main.{name} AS FROM {CATALOG_NAME}.main.{name}")
+    return con
+
+
+def snapshot_cursor(con: duckdb.DuckDBPyConnection, data_dir: Path) -> duckdb.DuckDBPyConnection:
+    """A cursor of a snapshot, for another thread: its tables first, then the catalog's."""
+    cur = cursor(con, data_dir)
+    cur.execute(f"SET search_path = 'memory.main,{CATALOG_NAME}.main,{CATALOG_NAME}.fts_main_documents'")
+    return cur
+
+
+def _session(con: duckdb.DuckDBPyConnection, data_dir: Path) -> None:
+    # settings that belong to one connection or cursor: where the views' relative globs
+    # resolve, and the catalog as the default database (a snapshot's is attached)
+    con.execute(f"SET file_search_path = '{data_dir}'")
+    con.execute(f"USE {CATALOG_NAME}")
+
+
+def cursor(con: duckdb.DuckDBPyConnection, data_dir: Path) -> duckdb.DuckDBPyConnection:
+    """A cursor of a catalog connection, for another thread, set up the same way."""
+    cur = con.cursor()
+    _session(cur, data_dir)
+    return cur
 
 
 def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
 
@@ -282,6 +282,18 @@ def _status(cfg: Config) -> list[dict]:
     return status.rows(cfg.data_dir, clip_id, captioner_id)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from clipgram.app import library, server
+
+    cfg = _config(args)
+    catalog.connect(cfg.data_dir)  # no library yet: say so now, not at the first request
+    token = args.token or (None if server.is_loopback(args.host) else server.new_token())
+    where = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
+    print(f"clipgram app on {cfg.data_dir}: open {where}  (Ctrl-C stops it)", flush=True)
+    server.serve(library.Library(cfg.data_dir, cfg.models), args.host, args.port, token)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     rows = _status(_config(args))
     columns = list(status.COLUMNS)
@@ -348,6 +360,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nNext, on this library ({cfg.data_dir}):")
     for line in next_steps(cfg.data_dir):
         print(f"  {line}")
+    print(f"\nSearch and explore it in a browser:\n  {next_steps(cfg.data_dir, APP_STEP)[0]}")
     return 0
 
 
@@ -360,9 +373,10 @@ NEXT_STEPS = (
     ["status"],
     ["clusters", "-k", "auto"],
 )
+APP_STEP = (["app"],)  # serves until stopped: printed apart, and tested by starting it
 
 
-def next_steps(data_dir: Path) -> list[str]:
+def next_steps(data_dir: Path, steps: Sequence[Sequence[str]] = NEXT_STEPS) -> list[str]:
     """The commands to try on the library in `data_dir`, as a user would type them here."""
     program, typed = Path(sys.argv[0]), "clipgram"
     if program.name == "clipgram" and not shutil.which("clipgram"):
@@ -370,7 +384,7 @@ def next_steps(data_dir: Path) -> list[str]:
         relative = os.path.relpath(program)
         typed = str(program.resolve()) if relative.startswith("..") else relative
     where = [] if data_dir.resolve() == defaults().data_dir else ["--data-dir", str(data_dir)]
-    return [shlex.join([typed, command, *where, *rest]) for command, *rest in NEXT_STEPS]
+    return [shlex.join([typed, command, *where, *rest]) for command, *rest in steps]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -474,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("app", parents=[common], help="serve the search and explore pages (a local web app)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="the token other hosts must send (default: generated and printed)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("rerun", parents=[common, fetching],
                        help="rerun failed or pending stages of an account")

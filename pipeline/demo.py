@@ -30,6 +30,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "demo_profile"
 ACCOUNT = "clipgram.demo"
 RECORDED_BASE = "http://127.0.0.1:8765"
 OWNER = {"id": "4242424242", "username": ACCOUNT}
+SCENES_FILE = "scenes.tsv"  # what each image shows: the truth the demo's tests check answers against
 
 _OPENERS = [
     "Found this {color} {shape} on a {background} wall today",
@@ -79,9 +80,11 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
     context = offline_context()
     scenes = rng.sample(synthetic.all_scenes(), posts + 2)
     start = datetime(2026, 6, 1, 9, 0, tzinfo=timezone.utc)
+    shown: dict[str, synthetic.Scene] = {}
 
     def image(name: str, scene: synthetic.Scene) -> str:
         synthetic.render(scene, 320, rng).save(dest / "images" / name, quality=88)
+        shown[name] = scene
         return f"{RECORDED_BASE}/images/{name}"
 
     for i in range(posts):
@@ -113,6 +116,14 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
         "profile_pic_url_hd": f"{RECORDED_BASE}/images/CgDemo0000.jpg",
     })
     instaloader.save_structure_to_file(profile, str(dest / f"{ACCOUNT}_{OWNER['id']}.json"))
+    (dest / SCENES_FILE).write_text("".join(
+        f"{name}\t{s.shape}\t{s.color}\t{s.background}\n" for name, s in sorted(shown.items())))
+
+
+def scenes(sample: Path = SAMPLE_DIR) -> dict[str, synthetic.Scene]:
+    """The scene each of the sample's image files shows, by file name."""
+    rows = (line.split("\t") for line in (sample / SCENES_FILE).read_text().splitlines())
+    return {name: synthetic.Scene(shape, color, background) for name, shape, color, background in rows}
 
 
 def materialize(dest: Path, base_url: str, sample: Path = SAMPLE_DIR) -> Path:

@@ -75,21 +75,23 @@ _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:(.+)$", re.DOTALL)
 _OPERATOR = re.compile(r"\s+([+-])\s+")
 
 
-def _term(raw: str, quoted: bool, sign: float) -> Term:
+def _term(raw: str, quoted: bool, sign: float, files: bool) -> Term:
     weight, value = 1.0, raw.strip()
     if (m := _WEIGHT.match(value)) is not None:
         weight, value = float(m.group(1)), m.group(2).strip()
     if not value:
         raise SearchError(f"empty term in query near {raw!r}")
-    if not quoted and Path(value).suffix.lower() in IMAGE_SUFFIXES:
+    if files and not quoted and Path(value).suffix.lower() in IMAGE_SUFFIXES:
         if not Path(value).expanduser().is_file():
             raise SearchError(f"image {value} not found: give an existing file, or quote the text")
         return Term("image", str(Path(value).expanduser()), sign * weight)
     return Term("text", value, sign * weight)
 
 
-def parse_query(query: str) -> list[Term]:
-    """`"2:a dog" + photo.jpg - "fruit"` → [Term(text, a dog, 2), Term(image, …), Term(text, fruit, -1)]."""
+def parse_query(query: str, files: bool = True) -> list[Term]:
+    """`"2:a dog" + photo.jpg - "fruit"` → [Term(text, a dog, 2), Term(image, …), Term(text, fruit, -1)].
+
+    With `files` off (a query from the network), a term never names a file: it is text."""
     terms: list[Term] = []
     rest, sign = query.strip(), 1.0
     while rest:
@@ -97,11 +99,11 @@ def parse_query(query: str) -> list[Term]:
             end = rest.find(rest[0], 1)
             if end < 0:
                 raise SearchError(f"unclosed quote in query: {query!r}")
-            terms.append(_term(rest[1:end], True, sign))
+            terms.append(_term(rest[1:end], True, sign, files))
             rest = rest[end + 1:]
         else:
             m = _OPERATOR.search(rest)
-            terms.append(_term(rest[:m.start()] if m else rest, False, sign))
+            terms.append(_term(rest[:m.start()] if m else rest, False, sign, files))
             rest = rest[m.start():] if m else ""
         rest = rest.strip()
         if rest:

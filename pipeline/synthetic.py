@@ -54,23 +54,43 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
 def render(scene: Scene, size: int = 224, rng: random.Random | None = None) -> Image.Image:
     """Draw `scene` at a random position, scale and rotation; colours jittered a little."""
     rng = rng or random.Random()
-    img = Image.new("RGB", (size, size), _jitter(COLORS[scene.background], rng, 12))
-    draw = ImageDraw.Draw(img)
+    # drawn from `rng` in this order, which the embedded sample's seed depends on
+    background = _jitter(COLORS[scene.background], rng, 12)
+    where = place(size, rng)
+    return draw(scene.shape, _jitter(COLORS[scene.color], rng, 18), background, where, rng)
+
+
+def unnamed_color(rng: random.Random, away_from: tuple[tuple[int, ...], ...] = ()) -> tuple[int, ...]:
+    """A colour far from every named one (and from `away_from`): no caption could name it."""
+    while True:
+        rgb = tuple(rng.randrange(256) for _ in range(3))
+        if all(math.dist(rgb, other) > 80 for other in (*COLORS.values(), *away_from)):
+            return rgb
+
+
+def place(size: int, rng: random.Random) -> tuple[int, float, float, float]:
+    """Where a shape goes in a `size` square: (size, radius, centre x, centre y)."""
     radius = size * rng.uniform(0.18, 0.34)
-    cx = rng.uniform(radius, size - radius)
-    cy = rng.uniform(radius, size - radius)
-    fill = _jitter(COLORS[scene.color], rng, 18)
-    if scene.shape == "circle":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    return size, radius, rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
+
+
+def draw(shape: str, fill: tuple[int, ...], background: tuple[int, ...],
+         where: tuple[int, float, float, float], rng: random.Random) -> Image.Image:
+    """A `shape` filled with `fill` on `background` at `where`, turned at random, blurred at times."""
+    size, radius, cx, cy = where
+    img = Image.new("RGB", (size, size), background)
+    pen = ImageDraw.Draw(img)
+    if shape == "circle":
+        pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
     else:
-        corners = 4 if scene.shape == "square" else 3
+        corners = 4 if shape == "square" else 3
         turn = rng.uniform(0, 2 * math.pi)
         points = [
             (cx + radius * math.cos(turn + 2 * math.pi * i / corners),
              cy + radius * math.sin(turn + 2 * math.pi * i / corners))
             for i in range(corners)
         ]
-        draw.polygon(points, fill=fill)
+        pen.polygon(points, fill=fill)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     return img

@@ -93,6 +93,21 @@ def ingested_sample(prefect_harness, make_config, sample_site, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
+def app_library(ingested_sample, tmp_path_factory):
+    """A copy of the ingested sample with clusters, a map and duplicate groups: what the app shows."""
+    import shutil
+
+    from clipgram.cli import main
+
+    data = tmp_path_factory.mktemp("app-library") / "data"
+    shutil.copytree(ingested_sample.data_dir, data)
+    base = ["--data-dir", str(data), "--clip-model", "tiny", "--captioner", "tiny", "--device", "cpu"]
+    for command in (["clusters", "-k", "3"], ["map", "--out", str(data / "map.png")], ["duplicates"]):
+        assert main([*command, *base]) == 0
+    return data
+
+
+@pytest.fixture(scope="session")
 def as_downloaded():
     """Write media rows for image files as the download stage leaves them (sha256 = their index)."""
     from clipgram import tables

@@ -1,12 +1,42 @@
 """`make demo`'s path: the embedded sample through the real download, the flow and the searches."""
 
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
 from html.parser import HTMLParser
 
+import httpx
+
 from clipgram import demo
-from clipgram.cli import main, next_steps
+from clipgram.cli import APP_STEP, main, next_steps
+
+
+def _serves(args: list[str], cwd) -> None:
+    """Run `clipgram ARGS --port P` in a process of its own until it answers /api/status."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = subprocess.Popen([sys.executable, "-c", "import sys; from clipgram.cli import main; sys.exit(main())",
+                            *args, "--port", str(port)], cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert app.poll() is None, "the app exited"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the app did not answer"
+                time.sleep(0.2)
+        assert response.status_code == 200 and response.json()["stages"]
+    finally:
+        app.terminate()
+        app.wait(10)
 
 
 class _Images(HTMLParser):
@@ -34,11 +64,15 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     assert re.search(r"^1\s+-?\d\.\d{4}\s+clipgram\.demo\s+CgDemo\d{4}", out, re.MULTILINE)
 
     # it ends with what to try next, each command working on its library as printed
-    steps = out.split("Next, on this library")[1].strip().splitlines()[1:]
+    steps = out.split("Next, on this library")[1].split("\n\n")[0].strip().splitlines()[1:]
     assert [line.strip() for line in steps] == next_steps(data)
     for line in steps:
         assert main(shlex.split(line)[1:]) == 0, line
     assert "1 " in capsys.readouterr().out  # the searches found something
+    # and it says how to open the app on it: started as printed, it serves the library
+    app_line = out.split("in a browser:")[1].strip().splitlines()[0]
+    assert app_line == next_steps(data, APP_STEP)[0]
+    _serves(shlex.split(app_line)[1:], tmp_path)
 
     page = data / "demo.html"
     parser = _Images()
@@ -56,3 +90,4 @@ def test_shipped_sample_matches_its_generator(tmp_path):
         assert json.loads(a.read_text())["node"] == json.loads(b.read_text())["node"]
     images = {p.name for p in (demo.SAMPLE_DIR / "images").iterdir()}
     assert images == {p.name for p in (tmp_path / "sample" / "images").iterdir()}
+    assert demo.scenes() == demo.scenes(tmp_path / "sample") and set(demo.scenes()) == images

@@ -64,19 +64,46 @@ def test_second_run_writes_nothing(ingested, recorded_copy):
     assert _parts(cfg) == parts and (cfg.data_dir / "catalog.duckdb").stat().st_mtime == mtime
 
 
-def test_text_search_finds_the_scene_it_names(ingested):
-    """Query each colour+shape the sample shows; the top hit's own post must name both."""
-    cfg, _ = ingested
+def _scenes_found_first(cfg, mode: str) -> tuple[int, int, list]:
+    """For each colour and shape the posts mention, search for it: (pairs whose top image shows
+    it, pairs whose top image's generated caption also names it, the misses). The truth is
+    what the sample drew."""
     con = catalog.connect(cfg.data_dir)
     encoder = clip.from_config(cfg.models)
-    scenes = con.execute("SELECT DISTINCT hashtags[1], hashtags[2] FROM posts "
-                         "WHERE typename = 'GraphImage'").fetchall()
-    right = 0
-    for color, shape in scenes:
-        top = search.text_search(con, cfg.data_dir, encoder, f"a {color} {shape}", k=1)[0]
-        tags = con.execute("SELECT hashtags FROM posts WHERE shortcode = ?", [top.shortcode]).fetchone()[0]
-        right += color in tags[:2] and shape in tags[:2]
-    assert right / len(scenes) >= 0.6
+    shown = demo.scenes()
+    pairs = sorted(set(con.execute("SELECT hashtags[1], hashtags[2] FROM posts").fetchall()))
+    assert len(pairs) >= 15  # the sample names most of the 24 pairs
+    found = captioned = 0
+    misses = []
+    for color, shape in pairs:
+        _, hits = search.search(con, cfg.data_dir, [search.Term("text", f"a {color} {shape}")], 1, mode,
+                                encoder=encoder)
+        url, generated = con.execute("SELECT url, generated_caption FROM media JOIN images USING (media_id) "
+                                     "WHERE media_id = ?", [hits[0].media_id]).fetchone()
+        scene = shown[url.rsplit("/", 1)[1]]
+        right = (scene.color, scene.shape) == (color, shape)
+        found += right
+        captioned += right and (generated or "").startswith(f"a {color} {shape} ")
+        if not right:
+            misses.append((color, shape, scene, generated))
+    return found, captioned, pairs, misses
+
+
+# floors: what the shipped stand-ins do now (hybrid search also reads the posts' own captions)
+FOUND_FIRST_FLOOR = {"hybrid": 0.85, "clip": 0.7}  # now: 15 and 13 of the 16 pairs
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "clip"])
+def test_a_search_for_a_scene_the_posts_name_finds_it_first(ingested, mode):
+    found, _, pairs, misses = _scenes_found_first(ingested[0], mode)
+    assert found / len(pairs) >= FOUND_FIRST_FLOOR[mode], misses
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 must-hold 3: needs stand-ins that see shape")
+@pytest.mark.parametrize("mode", ["hybrid", "clip"])
+def test_every_scene_the_posts_name_is_found_first_and_captioned(ingested, mode):
+    _, captioned, pairs, misses = _scenes_found_first(ingested[0], mode)
+    assert captioned == len(pairs), misses
 
 
 def test_caption_full_text_search_ranks_matching_captions(ingested):

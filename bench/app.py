@@ -1,0 +1,155 @@
+"""`python -m bench.app`: the app's latency, driven over HTTP on 127.0.0.1.
+
+A library of N images (default 100,000) is written as the stages write it: posts and media
+rows, one real JPEG (every media row points at it: thumbnails need a stored file), random
+unit vectors as the offline CLIP's embeddings, then the real publish stage (catalog, search
+documents, vector index). `clipgram app` runs in a uvicorn server on a thread; a client
+sends warm text queries (the model loaded and the first query done) in CLIP and hybrid mode,
+and fetches a cached thumbnail. ViT-B-32's text tower (random weights: the cost does not
+depend on them) is timed apart, as what a real model adds to each text query. Results merge
+into bench/results.json under "app".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import statistics
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench import save_section
+from bench.search import random_unit_vectors
+from clipgram import synthetic, tables
+from clipgram.config import load_config
+
+ACCOUNT = "bench-app"
+QUERIES = ["a red circle", "a blue square", "a green triangle", "a yellow shape", "a black circle",
+           "a white square", "an orange triangle", "a purple circle"]
+
+
+def build_library(data_dir: Path, images: int, model_id: str, dim: int) -> None:
+    picture = data_dir / "media" / "00" / "bench.jpg"
+    picture.parent.mkdir(parents=True)
+    synthetic.render(synthetic.Scene("circle", "red", "blue"), 640, random.Random(0)).save(picture, quality=90)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    posts, media, shas = [], [], []
+    for i in range(images):
+        shortcode = f"B{i:07d}"
+        scene = synthetic.all_scenes()[i % len(synthetic.all_scenes())]
+        posts.append(tables.post_row(shortcode=shortcode, post_id=i, owner_username=ACCOUNT,
+                                     taken_at=start + timedelta(minutes=i), caption=scene.caption,
+                                     hashtags=[scene.color, scene.shape], mentions=[], likes=i % 1000,
+                                     comments=0, is_video=False, typename="GraphImage",
+                                     permalink=f"https://www.instagram.com/p/{shortcode}/", media_count=1))
+        sha = hashlib.sha256(f"{i}".encode()).hexdigest()
+        shas.append(sha)
+        media.append({**tables.media_row(shortcode, 0, f"https://example.invalid/{i}.jpg"), "status": "done",
+                      "sha256": sha, "path": str(picture.relative_to(data_dir)), "width": 640, "height": 640,
+                      "bytes": picture.stat().st_size})
+    tables.write_part(data_dir, tables.POSTS, ACCOUNT, posts)
+    tables.write_part(data_dir, tables.MEDIA, ACCOUNT, media)
+    vectors = np.concatenate(list(random_unit_vectors(images, dim, seed=1)))
+    tables.write_part(data_dir, tables.EMBEDDINGS, model_id,
+                      ({"sha256": s, "embedding": v, "error": None} for s, v in zip(shas, vectors.tolist())))
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {"p50_ms": round(statistics.median(ms), 2), "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 2),
+            "n": len(ms)}
+
+
+def _timed(client: httpx.Client, path: str, params: dict | None = None) -> float:
+    start = time.perf_counter()
+    response = client.get(path, params=params)
+    elapsed = time.perf_counter() - start
+    response.raise_for_status()
+    return elapsed
+
+
+def load_test(client: httpx.Client, sha: str, requests: int, clients: int) -> dict[str, Any]:
+    """`requests` mixed requests from `clients` threads at once: every one must succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    similar_to = client.get("/api/search", params={"q": "a shape", "k": 1, "mode": "clip"}).json()["results"][0]
+    mix = [("/api/search", {"q": QUERIES[0], "k": 24, "mode": "clip"}),
+           ("/api/search", {"q": QUERIES[1], "k": 24, "mode": "hybrid", "min_likes": 500}),
+           (f"/api/similar/{similar_to['media_id']}", {"k": 24}), (f"/thumb/{sha}", None),
+           ("/api/status", None), ("/api/clusters", None)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        seconds = list(pool.map(lambda i: _timed(client, *mix[i % len(mix)]), range(requests)))
+    return {"requests": requests, "clients": clients, "errors": 0,  # _timed raises on any error
+            "wall_s": round(time.perf_counter() - started, 2), **_percentiles(seconds)}
+
+
+def vit_b32_text_ms(repeats: int = 20) -> float:
+    import open_clip
+    import torch
+
+    model = open_clip.create_model("ViT-B-32")  # random weights: the cost is the architecture's
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a red circle"])
+    with torch.inference_mode():
+        model.encode_text(tokens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.encode_text(tokens)
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def run(images: int, repeats: int) -> dict[str, Any]:
+    from clipgram.app import library, server
+    from clipgram.models import clip
+    from clipgram.stages.publish import publish
+
+    with tempfile.TemporaryDirectory(prefix="clipgram-bench-app-") as work:
+        data_dir = Path(work) / "data"
+        cfg = load_config(overrides={"data": {"dir": str(data_dir)},
+                                     "models": {"clip": "tiny", "device": "cpu"}}, environ={})
+        encoder = clip.from_config(cfg.models)
+        dim = int(encoder.encode_text(["x"]).shape[1])
+        started = time.perf_counter()
+        build_library(data_dir, images, encoder.id, dim)
+        publish(data_dir, encoder.id, dim, None)
+        build_s = time.perf_counter() - started
+        lib = library.Library(data_dir, cfg.models)
+        with server.running(lib) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for mode in ("clip", "hybrid"):  # warm: the model loaded, the first query run
+                _timed(client, "/api/search", {"q": "warm up", "k": 24, "mode": mode})
+            figures: dict[str, Any] = {}
+            for mode in ("clip", "hybrid"):
+                figures[f"text_{mode}"] = _percentiles([
+                    _timed(client, "/api/search", {"q": QUERIES[i % len(QUERIES)], "k": 24, "mode": mode})
+                    for i in range(repeats)])
+            sha = client.get("/api/search", params={"q": "a red circle", "k": 1}).json()["results"][0]["sha256"]
+            first = _timed(client, f"/thumb/{sha}")
+            figures["thumbnail_cached"] = _percentiles([_timed(client, f"/thumb/{sha}") for _ in range(repeats)])
+            figures["thumbnail_first_ms"] = round(first * 1000, 2)
+            figures["load"] = load_test(client, sha, requests=1000, clients=8)
+    return {"images": images, "library_build_s": round(build_s, 1), "model": encoder.id, **figures,
+            "vit_b32_text_encode_ms": vit_b32_text_ms(),
+            "first_paint_ms": None,  # measured by tests/test_app_browser.py where Chromium exists
+            "goals": {"text_p50_ms": 50, "text_p95_ms": 150, "thumbnail_ms": 5}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    save_section(args.out, "app", run(args.images, args.repeats))
+
+
+if __name__ == "__main__":
+    main()

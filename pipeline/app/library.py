@@ -1,0 +1,67 @@
+"""The library the app serves: the published catalog, reopened when a new one is published.
+
+Publishing replaces catalog.duckdb atomically (a new file renamed over the old one), so a
+new inode or mtime means a new generation: the connection and the vector index are
+reopened then, and never in the middle of a request. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+
+from clipgram import catalog
+from clipgram.config import ModelSettings
+
+if TYPE_CHECKING:
+    from clipgram.models import clip
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One published catalog and its connection."""
+    stamp: tuple[int, int]
+    con: duckdb.DuckDBPyConnection
+
+
+class Library:
+    def __init__(self, data_dir: Path, models: ModelSettings):
+        self.data_dir = data_dir
+        self.models = models
+        self._lock = threading.Lock()
+        self._current: Generation | None = None
+        self._model_lock = threading.Lock()
+        self._encoder = None
+
+    def _stamp(self) -> tuple[int, int]:
+        stat = (self.data_dir / catalog.CATALOG).stat()
+        return stat.st_ino, stat.st_mtime_ns
+
+    def generation(self) -> Generation:
+        """The newest published catalog (raises catalog.CatalogMissing before the first)."""
+        try:
+            stamp = self._stamp()
+        except FileNotFoundError:
+            catalog.snapshot(self.data_dir)  # raises with the message that says what to do
+            raise
+        with self._lock:
+            if self._current is None or self._current.stamp != stamp:
+                self._current = Generation(stamp, catalog.snapshot(self.data_dir))
+            return self._current
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own for one request (a DuckDB connection is not shared across threads)."""
+        return catalog.snapshot_cursor(self.generation().con, self.data_dir)
+
+    def encoder(self) -> "clip.ClipEncoder":
+        """CLIP, loaded at the first query that needs it and kept."""
+        from clipgram.models import clip
+
+        with self._model_lock:
+            if self._encoder is None:
+                self._encoder = clip.from_config(self.models)
+            return self._encoder

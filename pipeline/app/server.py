@@ -1,0 +1,305 @@
+"""The app's HTTP surface: the page, the JSON API it uses, thumbnails, and the token check.
+
+Every handler reads through a per-request cursor on the newest published catalog; none
+writes a table. Media leave only by content address (/thumb/{sha256}). Errors are JSON,
+`{"error": "…what to do…"}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from clipgram import catalog, images, search, status
+from clipgram.analysis.derived import ALL_ACCOUNTS
+from clipgram.app import thumbs
+from clipgram.app.library import Library
+from clipgram.errors import ClipgramError
+
+STATIC = Path(__file__).parent / "static"
+PAGES = ("/", "/explore", "/map", "/image/{media_id}")  # one page; its script shows the view
+MAX_UPLOAD = 20 * 1024 * 1024
+MAX_K = 200
+TOKEN_COOKIE = "clipgram_token"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _result(row: dict[str, Any], score: float) -> dict[str, Any]:
+    return {"media_id": row["media_id"], "score": round(score, 6), "account": row["account"],
+            "shortcode": row["shortcode"], "caption": row["generated_caption"],
+            "post_caption": row["post_caption"], "likes": row["likes"],
+            "taken_at": row["taken_at"].isoformat() if row["taken_at"] else None,
+            "sha256": row["sha256"], "thumbnail": f"/thumb/{row['sha256']}",
+            "permalink": row["permalink"]}
+
+
+_COLUMNS = ("media_id", "account", "shortcode", "sha256", "generated_caption", "post_caption",
+            "likes", "taken_at", "permalink")
+
+
+def _rows(con, media_ids: list[str]) -> dict[str, dict[str, Any]]:
+    found = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE list_contains(?::VARCHAR[], media_id)",
+                        [media_ids]).fetchall()
+    return {r[0]: dict(zip(_COLUMNS, r)) for r in found}
+
+
+def _results(con, hits: list[search.Hit]) -> list[dict[str, Any]]:
+    rows = _rows(con, [h.media_id for h in hits])
+    return [_result(rows[h.media_id], h.score) for h in hits]
+
+
+def _filters(account: list[str], since: date | None, until: date | None, hashtag: list[str],
+             min_likes: int | None, label: list[str]) -> search.Filters:
+    return search.Filters(accounts=account, since=since, until=until, hashtags=hashtag,
+                          min_likes=min_likes, labels=[search.parse_label_filter(t) for t in label])
+
+
+def create_app(library: Library, token: str | None = None) -> FastAPI:
+    """The app over `library`; with a `token`, every request must carry it."""
+    app = FastAPI(title="clipgram", summary="Search and explore an image library",
+                  docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(ClipgramError)
+    async def _clipgram_error(request: Request, e: ClipgramError) -> JSONResponse:
+        missing = isinstance(e, catalog.CatalogMissing)
+        return JSONResponse({"error": str(e)}, status_code=503 if missing else 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return JSONResponse({"error": f"bad request: {problems}"}, status_code=422)
+
+    if token:
+        @app.middleware("http")
+        async def _check_token(request: Request, call_next):
+            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                     or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"error": "this server needs its token: open the address it "
+                                              "printed (…?token=…) or send 'Authorization: Bearer TOKEN'"},
+                                    status_code=401)
+            response = await call_next(request)
+            if request.query_params.get("token"):  # the printed link: later requests use the cookie
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            return response
+
+    page = (STATIC / "index.html").read_text()
+    for path in PAGES:
+        app.add_api_route(path, lambda: HTMLResponse(page), include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def run_search(terms: list[search.Term], k: int, page: int, mode: str,
+                   filters: search.Filters) -> dict[str, Any]:
+        con = library.cursor()
+        encoder = None if mode == "captions" else library.encoder()
+        ran, hits = search.search(con, library.data_dir, terms, k * (page + 1), mode, filters, encoder)
+        return {"mode": ran, "page": page, "k": k, "results": _results(con, hits[k * page:])}
+
+    @app.get("/api/search", summary="Search by text: what `clipgram search` takes")
+    def api_search(q: str = Query(..., description='text, "quoted" terms, weights (2:…), + and -'),
+                   k: int = Query(24, ge=1, le=MAX_K), page: int = Query(0, ge=0, le=50),
+                   mode: str = Query("auto", pattern="^(auto|hybrid|clip|captions)$"),
+                   account: list[str] = Query([]), since: date | None = None, until: date | None = None,
+                   hashtag: list[str] = Query([]), min_likes: int | None = Query(None, ge=0),
+                   label: list[str] = Query([], description="SET=LABEL")) -> dict[str, Any]:
+        # files=False: a term that looks like a file name is text here, never a path to read
+        terms = search.parse_query(q, files=False)
+        return run_search(terms, k, page, mode, _filters(account, since, until, hashtag, min_likes, label))
+
+    @app.get("/api/similar/{media_id}", summary="Images most like a stored one")
+    def api_similar(media_id: str, k: int = Query(24, ge=1, le=MAX_K), page: int = Query(0, ge=0, le=50),
+                    account: list[str] = Query([])) -> dict[str, Any]:
+        return run_search([search.Term("like", media_id)], k, page, "clip",
+                          _filters(account, None, None, [], None, []))
+
+    @app.post("/api/search/image", summary="Search by an uploaded image (the request body)",
+              openapi_extra={"requestBody": {"content": {"image/*": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}}})
+    async def api_search_image(request: Request, k: int = Query(24, ge=1, le=MAX_K)) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="clipgram-upload-") as tmp:
+            path = Path(tmp) / "upload"
+            size = 0
+            with open(path, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD:
+                        raise HTTPError(413, f"the image is over {MAX_UPLOAD >> 20} MB: send a smaller one")
+                    f.write(chunk)
+            if size == 0:
+                raise HTTPError(400, "send the image as the request body (Content-Type: image/jpeg, …)")
+            try:
+                images.verify(path)  # the checks ingestion makes: kind, size, pixel bomb
+            except images.BadImage as e:
+                raise HTTPError(400, f"not an image this app can read: {e}") from None
+            return run_search([search.Term("image", str(path))], k, 0, "clip", search.Filters())
+
+    @app.get("/api/image/{media_id}", summary="Everything known about one image, and its neighbours")
+    def api_image(media_id: str, k: int = Query(12, ge=1, le=MAX_K)) -> dict[str, Any]:
+        con = library.cursor()
+        row = con.execute("SELECT * FROM images WHERE media_id = ?", [media_id]).fetchone()
+        if row is None:
+            raise HTTPError(404, f"no image with media id {media_id!r}: search for it first")
+        info = dict(zip([d[0] for d in con.description], row))
+        labels = con.execute("SELECT label_set, label, round(score, 4) FROM labels "
+                             "WHERE sha256 = ? AND rank = 1 ORDER BY label_set", [info["sha256"]]).fetchall()
+        try:
+            similar = run_search([search.Term("like", media_id)], k, 0, "clip", search.Filters())["results"]
+        except search.SearchError:  # not embedded (a failed image, or a captions-only library)
+            similar = []
+        return {"image": {**_result(info, 1.0), "width": info["width"], "height": info["height"],
+                          "hashtags": info["hashtags"], "mentions": info["mentions"],
+                          "comments": info["comments"], "is_video": info["is_video"],
+                          "accessibility_caption": info["accessibility_caption"],
+                          "labels": [{"set": s, "label": lab, "score": sc} for s, lab, sc in labels]},
+                "similar": similar}
+
+    @app.get("/api/status", summary="Per account and stage: done, pending, failed; the failed items")
+    def api_status(failed: int = Query(100, ge=0, le=1000)) -> dict[str, Any]:
+        meta = catalog.meta(library.cursor())
+        rows = status.rows(library.data_dir, meta.get("clip_model"), meta.get("captioner"))
+        con = library.cursor()
+        items = con.execute("SELECT account, media_id, url, error FROM media WHERE status = 'failed' "
+                            "ORDER BY account, media_id LIMIT ?", [failed]).fetchall()
+        return {"stages": [{c: _plain(r[c]) for c in status.COLUMNS} for r in rows],
+                "failed": [dict(zip(("account", "media_id", "url", "error"), i)) for i in items]}
+
+    @app.get("/api/clusters", summary="Clusters, named, with sample thumbnails")
+    def api_clusters(samples: int = Query(8, ge=1, le=48)) -> dict[str, Any]:
+        con = library.cursor()
+        found = con.execute("""
+            SELECT scope, cluster, any_value(cluster_name) AS name, count(*) AS images,
+                   list(sha256 ORDER BY similarity DESC)[1:?] AS samples
+            FROM clusters GROUP BY scope, cluster ORDER BY scope, images DESC, cluster""",
+                            [samples]).fetchall()
+        return {"clusters": [{"scope": s, "cluster": c, "name": n, "images": i,
+                              "samples": [f"/thumb/{h}" for h in sample]} for s, c, n, i, sample in found],
+                "hint": None if found else "no clusters yet: run `clipgram clusters -k auto`"}
+
+    @app.get("/api/clusters/{cluster}", summary="The images of one cluster")
+    def api_cluster(cluster: int, scope: str = ALL_ACCOUNTS, k: int = Query(96, ge=1, le=1000)) -> dict[str, Any]:
+        con = library.cursor()
+        ranked = con.execute("""
+            SELECT i.media_id, c.similarity FROM clusters c JOIN images i USING (sha256)
+            WHERE c.scope = ? AND c.cluster = ? QUALIFY row_number() OVER (PARTITION BY c.sha256) = 1
+            ORDER BY c.similarity DESC, i.media_id LIMIT ?""", [scope, cluster, k]).fetchall()
+        rows = _rows(con, [m for m, _ in ranked])
+        return {"results": [_result(rows[m], s) for m, s in ranked]}
+
+    @app.get("/api/map", summary="The 2-D map: one point per image, coloured by cluster")
+    def api_map(scope: str = ALL_ACCOUNTS) -> dict[str, Any]:
+        con = library.cursor()
+        points = con.execute("""
+            SELECT m.sha256, m.x, m.y, any_value(c.cluster) AS cluster, min(i.media_id) AS media_id
+            FROM map m JOIN images i USING (sha256)
+            LEFT JOIN clusters c ON c.sha256 = m.sha256 AND c.scope = m.scope
+            WHERE m.scope = ? GROUP BY ALL ORDER BY media_id""", [scope]).fetchall()
+        return {"points": [{"sha256": h, "x": x, "y": y, "cluster": c, "media_id": m,
+                            "thumbnail": f"/thumb/{h}"} for h, x, y, c, m in points],
+                "hint": None if points else "no map yet: run `clipgram map`"}
+
+    @app.get("/api/duplicates", summary="Groups of exact and near duplicates")
+    def api_duplicates(scope: str = ALL_ACCOUNTS) -> dict[str, Any]:
+        con = library.cursor()
+        found = con.execute("""
+            SELECT group_id, any_value(kind), list({'media_id': media_id, 'account': account,
+                   'thumbnail': '/thumb/' || sha256, 'similarity': similarity} ORDER BY similarity DESC)
+            FROM duplicates WHERE scope = ? GROUP BY group_id ORDER BY group_id""", [scope]).fetchall()
+        return {"groups": [{"group": g, "kind": kind, "images": members} for g, kind, members in found],
+                "hint": None if found else "no duplicate groups: run `clipgram duplicates`"}
+
+    @app.get("/media/{sha256}", summary="A stored image itself, by its sha256 (the image page only)")
+    def media(sha256: str) -> FileResponse:
+        try:
+            path = thumbs.stored(library.data_dir, library.cursor(), sha256)
+        except thumbs.NoSuchImage as e:
+            raise HTTPError(404, str(e)) from None
+        info = images.verify(path)  # the type it is served as comes from the bytes, not the name
+        return FileResponse(path, media_type=f"image/{info.extension.replace('jpg', 'jpeg')}",
+                            headers={"Cache-Control": "public, max-age=31536000, immutable",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/thumb/{sha256}", summary="A thumbnail, by the sha256 of the stored image")
+    def thumb(sha256: str) -> FileResponse:
+        try:
+            path = thumbs.thumbnail(library.data_dir, library.cursor(), sha256)
+        except thumbs.NoSuchImage as e:
+            raise HTTPError(404, str(e)) from None
+        except images.BadImage as e:
+            raise HTTPError(422, f"the stored image cannot be decoded: {e}") from None
+        # content-addressed: the bytes behind a name never change
+        return FileResponse(path, media_type="image/jpeg",
+                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    return app
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def serve(library: Library, host: str, port: int, token: str | None) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(library, token), host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def running(library: Library, token: str | None = None, startup_s: float = 30) -> Iterator[str]:
+    """The app served on a free port of 127.0.0.1 from a thread (tests, benchmarks); yields its URL."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(library, token), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,302 @@
+// clipgram's page: one script, no build step. The URL holds the view and the query, so a
+// result can be shared and the back button works. Text from the library (captions, post
+// captions) is user content: it is only ever set as textContent, never as HTML.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
+  const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.dataset, dataset);  // dataset itself is read-only: fill it
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+};
+const FILTERS = ["mode", "account", "since", "until", "hashtag", "min_likes", "label"];
+const PAGE = 24;
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function go(url) {
+  history.pushState(null, "", url);
+  route();
+}
+
+document.addEventListener("click", (event) => {
+  const link = event.target.closest("a[data-nav]");
+  if (link && !event.metaKey && !event.ctrlKey) {
+    event.preventDefault();
+    go(link.getAttribute("href"));
+  }
+});
+window.addEventListener("popstate", route);
+
+function card(hit) {
+  const date = hit.taken_at ? hit.taken_at.slice(0, 10) : "";
+  return el("div", { className: "card" },
+    el("a", { href: `/image/${encodeURIComponent(hit.media_id)}`, dataset: { nav: "" } },
+      el("img", { src: hit.thumbnail, alt: hit.caption || hit.media_id, loading: "lazy" })),
+    el("div", { className: "body" },
+      el("div", { className: "caption", textContent: hit.caption || "" }),
+      el("div", { className: "post", textContent: hit.post_caption || "" }),
+      el("div", { className: "meta" },
+        el("span", { textContent: `@${hit.account} · ${date}` }),
+        el("span", { textContent: `♥ ${hit.likes ?? 0} · ${hit.score.toFixed(3)}` })),
+      el("div", { className: "actions" },
+        el("a", { href: `/?like=${encodeURIComponent(hit.media_id)}`, dataset: { nav: "" },
+                  className: "more", textContent: "more like this" }),
+        hit.permalink ? el("a", { href: hit.permalink, target: "_blank", rel: "noopener",
+                                  textContent: "post ↗" }) : null)));
+}
+
+function show(id) {
+  for (const view of document.querySelectorAll("main > section")) view.hidden = view.id !== id;
+  for (const link of document.querySelectorAll("header nav a")) {
+    link.classList.toggle("active", link.getAttribute("href") === location.pathname);
+  }
+}
+
+function fill(grid, hits) {
+  grid.replaceChildren(...hits.map(card));
+}
+
+// --- search ----------------------------------------------------------------------------------
+
+async function searchView(params) {
+  show("search-view");
+  const form = $("#search-form");
+  form.q.value = params.get("q") || "";
+  for (const name of FILTERS) form[name].value = params.get(name) || (name === "mode" ? "auto" : "");
+  const page = Number(params.get("page") || 0);
+  const note = $("#search-note");
+  const grid = $("#results");
+  $("#prev").hidden = $("#next").hidden = true;
+  let path = null;
+  if (params.get("like")) {
+    path = `/api/similar/${encodeURIComponent(params.get("like"))}?k=${PAGE}&page=${page}`;
+    note.textContent = `Images like ${params.get("like")}`;
+  } else if (params.get("cluster") !== null && params.get("cluster") !== "") {
+    path = `/api/clusters/${encodeURIComponent(params.get("cluster"))}?scope=${encodeURIComponent(params.get("scope") || "_all_accounts")}`;
+    note.textContent = `Cluster ${params.get("cluster")}`;
+  } else if (params.get("q")) {
+    const query = new URLSearchParams({ q: params.get("q"), k: PAGE, page });
+    for (const name of FILTERS) if (params.get(name)) query.set(name, params.get(name));
+    path = `/api/search?${query}`;
+    note.textContent = "";
+  }
+  if (!path) { grid.replaceChildren(); note.textContent = "Type what you are looking for, or drop an image."; return; }
+  note.className = "note";
+  try {
+    const body = await api(path);
+    fill(grid, body.results);
+    if (body.mode) note.textContent += `${note.textContent ? " · " : ""}${body.results.length} results (${body.mode})`;
+    $("#prev").hidden = !page;
+    $("#next").hidden = body.results.length < PAGE || body.page === undefined;
+  } catch (error) {
+    grid.replaceChildren();
+    note.className = "note error";
+    note.textContent = error.message;
+  }
+}
+
+$("#search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const params = new URLSearchParams();
+  if (form.q.value.trim()) params.set("q", form.q.value.trim());
+  for (const name of FILTERS) if (form[name].value && form[name].value !== "auto") params.set(name, form[name].value);
+  go(`/?${params}`);
+});
+for (const name of FILTERS) {
+  $("#search-form")[name].addEventListener("change", () => {
+    if ($("#search-form").q.value.trim()) $("#search-form").requestSubmit();
+  });
+}
+function turn(delta) {
+  const params = new URLSearchParams(location.search);
+  params.set("page", Math.max(0, Number(params.get("page") || 0) + delta));
+  go(`/?${params}`);
+}
+$("#prev").addEventListener("click", () => turn(-1));
+$("#next").addEventListener("click", () => turn(1));
+
+async function searchImage(file) {
+  history.pushState(null, "", "/");
+  show("search-view");
+  const note = $("#search-note");
+  note.className = "note";
+  note.textContent = `Images like ${file.name}…`;
+  try {
+    const body = await api(`/api/search/image?k=${PAGE}`, { method: "POST", body: file,
+                                                           headers: { "Content-Type": file.type || "application/octet-stream" } });
+    fill($("#results"), body.results);
+    note.textContent = `Images like ${file.name}: ${body.results.length} results`;
+  } catch (error) {
+    note.className = "note error";
+    note.textContent = error.message;
+  }
+}
+$("#upload").addEventListener("change", (event) => event.target.files[0] && searchImage(event.target.files[0]));
+const box = $(".box");
+box.addEventListener("dragover", (event) => { event.preventDefault(); box.classList.add("drop"); });
+box.addEventListener("dragleave", () => box.classList.remove("drop"));
+box.addEventListener("drop", (event) => {
+  event.preventDefault();
+  box.classList.remove("drop");
+  if (event.dataTransfer.files[0]) searchImage(event.dataTransfer.files[0]);
+});
+
+// --- explore ---------------------------------------------------------------------------------
+
+async function exploreView() {
+  show("explore-view");
+  const [state, clusters, duplicates] = await Promise.all(
+    ["/api/status", "/api/clusters", "/api/duplicates"].map((p) => api(p).catch((e) => ({ error: e.message }))));
+  $("#stages tbody").replaceChildren(...(state.stages || []).map((r) => el("tr", {},
+    ...[r.account, r.stage, r.done, r.pending, r.failed, r.last_run || "", r.last_error || ""]
+      .map((v) => el("td", { textContent: String(v) })))));
+  $("#failed ul").replaceChildren(...(state.failed || []).map((f) =>
+    el("li", { textContent: `${f.account} ${f.media_id}: ${f.error}` })));
+  $("#failed summary").textContent = `Failed items (${(state.failed || []).length})`;
+  $("#clusters-note").textContent = clusters.error || clusters.hint || "";
+  $("#clusters").replaceChildren(...(clusters.clusters || []).map((c) => el("div", { className: "cluster" },
+    el("h3", {}, el("a", { href: `/?cluster=${c.cluster}&scope=${encodeURIComponent(c.scope)}`, dataset: { nav: "" },
+                           textContent: `${c.name || "cluster " + c.cluster}` }),
+       ` · ${c.images} images · ${c.scope}`),
+    el("div", { className: "strip" }, ...c.samples.map((src) => el("img", { src, alt: "", loading: "lazy" }))))));
+  $("#duplicates-note").textContent = duplicates.error || duplicates.hint || "";
+  $("#duplicates").replaceChildren(...(duplicates.groups || []).map((g) => el("div", { className: "cluster" },
+    el("h3", { textContent: `group ${g.group} · ${g.kind}` }),
+    el("div", { className: "strip" }, ...g.images.map((i) =>
+      el("a", { href: `/image/${encodeURIComponent(i.media_id)}`, dataset: { nav: "" } },
+        el("img", { src: i.thumbnail, alt: i.media_id, title: `${i.media_id} (${i.similarity.toFixed(3)})` })))))));
+}
+
+// --- map: pan, zoom, hover, click ------------------------------------------------------------
+
+const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+const map = { points: [], scale: 1, dx: 0, dy: 0, hover: null };
+
+function mapXY(p, canvas) {
+  const pad = 20, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad;
+  return [pad + (p.x * w) * map.scale + map.dx, pad + (p.y * h) * map.scale + map.dy];
+}
+
+function drawMap() {
+  const canvas = $("#map");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  for (const p of map.points) {
+    const [x, y] = mapXY(p, canvas);
+    ctx.fillStyle = p.cluster === null ? "#888" : PALETTE[p.cluster % PALETTE.length];
+    ctx.beginPath();
+    ctx.arc(x, y, p === map.hover ? 7 : 4.5, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+}
+
+function nearest(event) {
+  const canvas = $("#map");
+  const r = canvas.getBoundingClientRect();
+  const mx = (event.clientX - r.left) * canvas.width / r.width, my = (event.clientY - r.top) * canvas.height / r.height;
+  let best = null, bestD = 12 * 12;
+  for (const p of map.points) {
+    const [x, y] = mapXY(p, canvas);
+    const d = (x - mx) ** 2 + (y - my) ** 2;
+    if (d < bestD) { best = p; bestD = d; }
+  }
+  return best;
+}
+
+async function mapView() {
+  show("map-view");
+  const canvas = $("#map");
+  canvas.width = canvas.clientWidth * devicePixelRatio;
+  canvas.height = canvas.clientHeight * devicePixelRatio;
+  try {
+    const body = await api("/api/map");
+    const xs = body.points.map((p) => p.x), ys = body.points.map((p) => p.y);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    map.points = body.points.map((p) => ({ ...p, x: (p.x - x0) / ((x1 - x0) || 1), y: (p.y - y0) / ((y1 - y0) || 1) }));
+    $("#map-note").textContent = body.hint || `${body.points.length} images. Drag to pan, wheel to zoom, click a point to open its image.`;
+  } catch (error) {
+    $("#map-note").textContent = error.message;
+  }
+  drawMap();
+}
+
+(function mapControls() {
+  const canvas = $("#map"), tip = $("#map-tip");
+  let drag = null;
+  canvas.addEventListener("mousedown", (e) => { drag = { x: e.clientX, y: e.clientY, moved: false }; });
+  window.addEventListener("mouseup", () => { setTimeout(() => { drag = null; }); });
+  canvas.addEventListener("mousemove", (e) => {
+    if (drag && (e.buttons & 1)) {
+      const k = canvas.width / canvas.clientWidth;
+      map.dx += (e.clientX - drag.x) * k; map.dy += (e.clientY - drag.y) * k;
+      drag = { x: e.clientX, y: e.clientY, moved: true };
+      tip.hidden = true;
+      drawMap();
+      return;
+    }
+    const p = nearest(e);
+    map.hover = p;
+    tip.hidden = !p;
+    if (p) {
+      tip.src = p.thumbnail;
+      tip.style.left = `${e.offsetX + 14}px`;
+      tip.style.top = `${e.offsetY + 14}px`;
+    }
+    drawMap();
+  });
+  canvas.addEventListener("click", (e) => {
+    if (drag && drag.moved) return;
+    const p = nearest(e);
+    if (p) go(`/image/${encodeURIComponent(p.media_id)}`);
+  });
+  canvas.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const r = canvas.getBoundingClientRect(), k = canvas.width / r.width;
+    const mx = (e.clientX - r.left) * k, my = (e.clientY - r.top) * k;
+    const f = e.deltaY < 0 ? 1.2 : 1 / 1.2;
+    map.dx = mx - (mx - map.dx) * f; map.dy = my - (my - map.dy) * f; map.scale *= f;
+    drawMap();
+  }, { passive: false });
+})();
+
+// --- one image -------------------------------------------------------------------------------
+
+async function imageView(mediaId) {
+  show("image-view");
+  const facts = $("#image-facts");
+  try {
+    const body = await api(`/api/image/${encodeURIComponent(mediaId)}`);
+    const i = body.image;
+    $("#image-full").src = `/media/${i.sha256}`;
+    $("#image-full").alt = i.caption || i.media_id;
+    const rows = [["caption", i.caption], ["post", i.post_caption], ["account", `@${i.account}`],
+                  ["taken", i.taken_at], ["likes", i.likes], ["comments", i.comments],
+                  ["hashtags", (i.hashtags || []).map((t) => `#${t}`).join(" ")],
+                  ["size", `${i.width} × ${i.height}`], ["alt text", i.accessibility_caption],
+                  ["labels", i.labels.map((l) => `${l.set}: ${l.label}`).join(", ")], ["media id", i.media_id]];
+    facts.replaceChildren(...rows.filter(([, v]) => v !== null && v !== undefined && v !== "")
+      .flatMap(([k, v]) => [el("dt", { textContent: k }), el("dd", { textContent: String(v) })]));
+    if (i.permalink) facts.append(el("dt", { textContent: "post" }),
+      el("dd", {}, el("a", { href: i.permalink, target: "_blank", rel: "noopener", textContent: i.permalink })));
+    fill($("#neighbours"), body.similar);
+  } catch (error) {
+    facts.replaceChildren(el("dd", { className: "error", textContent: error.message }));
+  }
+}
+
+function route() {
+  const path = location.pathname;
+  if (path === "/explore") return exploreView();
+  if (path === "/map") return mapView();
+  if (path.startsWith("/image/")) return imageView(decodeURIComponent(path.slice("/image/".length)));
+  return searchView(new URLSearchParams(location.search));
+}
+route();

@@ -1,0 +1,105 @@
+"""The app in real headless Chromium: type a query and see the right image first, "more like
+this", a filter, the map and a click on a point, an account's status. Writes the README's
+screenshot when asked to (CLIPGRAM_SCREENSHOT=path)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+from browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
+
+from clipgram import demo
+from clipgram.app import library, server
+
+pytestmark = needs_chromium
+
+CARDS = "[...document.querySelectorAll('#results .card')].map(c => ({media: c.querySelector('a').href, " \
+        "caption: c.querySelector('.caption').textContent, meta: c.querySelector('.meta').textContent}))"
+
+
+def _until(page, expression: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        time.sleep(0.1)
+
+
+def _type(page, text: str) -> None:
+    page.evaluate("document.querySelector('#q').focus()")
+    page.send("Input.insertText", text=text)
+    page.evaluate("document.querySelector('#search-form button[type=submit]').click()")
+
+
+def _click(page, x: float, y: float) -> None:
+    for kind in ("mousePressed", "mouseReleased"):
+        page.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+
+def _media(card_href: str) -> str:
+    return urllib.parse.unquote(card_href.rsplit("/image/", 1)[1])
+
+
+def test_search_more_like_this_filters_map_and_status(app_library, ingested_sample, tmp_path):
+    lib = library.Library(app_library, ingested_sample.models)
+    shown = demo.scenes()
+    with server.running(lib) as url, chromium(tmp_path / "profile") as page, httpx.Client(base_url=url) as api:
+        def scene_of(media_id):
+            image = api.get(f"/api/image/{media_id}").json()["image"]
+            url_of = {r[0]: r[1] for r in lib.cursor().execute("SELECT media_id, url FROM media").fetchall()}
+            return image, shown[url_of[media_id].rsplit("/", 1)[1]]
+
+        page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+        open_page(page, url + "/")
+        _type(page, "a red square")
+        cards = _until(page, f"location.search.includes('q=') && {CARDS}.length && {CARDS}")
+        assert "q=a+red+square" in page.evaluate("location.search")  # the URL holds the query
+        _, scene = scene_of(_media(cards[0]["media"]))
+        assert (scene.color, scene.shape) == ("red", "square")
+        page.evaluate(ALL_IMAGES_SETTLED)
+        assert page.evaluate("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
+        shot = page.send("Page.captureScreenshot", format="png")
+        if os.environ.get("CLIPGRAM_SCREENSHOT"):
+            Path(os.environ["CLIPGRAM_SCREENSHOT"]).write_bytes(base64.b64decode(shot["data"]))
+
+        # more like this, on the first result
+        first = _media(cards[0]["media"])
+        page.evaluate("document.querySelector('#results .card .more').click()")
+        similar = _until(page, "location.search.includes('like=') && "
+                               f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        assert first not in {_media(c["media"]) for c in similar}
+        page.evaluate("history.back()")
+        _until(page, "location.search.includes('q=a+red+square')")
+
+        # a filter: at least 500 likes
+        page.evaluate("""(() => { const f = document.querySelector('[name=min_likes]');
+                         f.value = '500'; f.dispatchEvent(new Event('change')); })()""")
+        liked = _until(page, "location.search.includes('min_likes=500') && "
+                             f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        assert liked and all(int(c["meta"].split("♥ ")[1].split(" ")[0]) >= 500 for c in liked)
+
+        # the map: a click on a point opens its image
+        open_page(page, url + "/map")
+        point = _until(page, """map.points.length && (() => { const c = document.querySelector('#map');
+            const r = c.getBoundingClientRect(); const [x, y] = mapXY(map.points[0], c);
+            return {x: r.left + x * r.width / c.width, y: r.top + y * r.height / c.height,
+                    media: map.points[0].media_id}; })()""")
+        _click(page, point["x"], point["y"])
+        _until(page, f"location.pathname === '/image/{point['media']}' && "
+                     "document.querySelector('#neighbours .card') !== null")
+        assert page.evaluate("document.querySelector('#image-full').naturalWidth") > 0 or \
+            _until(page, "document.querySelector('#image-full').naturalWidth > 0")
+
+        # an account's status
+        open_page(page, url + "/explore")
+        rows = _until(page, "[...document.querySelectorAll('#stages tbody tr')].map(r => r.innerText)")
+        assert any(demo.ACCOUNT in r and "embed" in r for r in rows)
+        assert _until(page, "document.querySelectorAll('#clusters .cluster').length") == 3
+        assert page.problems() == []
