@@ -24,6 +24,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
 from clipgram import catalog, images, search, status
 from clipgram.analysis.derived import ALL_ACCOUNTS
@@ -244,28 +245,28 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
         return {"groups": [{"group": g, "kind": kind, "images": members} for g, kind, members in found],
                 "hint": None if found else "no duplicate groups: run `clipgram duplicates`"}
 
-    @app.get("/media/{sha256}", summary="A stored image itself, by its sha256 (the image page only)")
-    def media(sha256: str) -> FileResponse:
+    def by_content(find, sha256: str, media_type: str | None = None) -> FileResponse:
+        """A file named by content address: its bytes never change behind the name."""
         try:
-            path = thumbs.stored(library.data_dir, library.cursor(), sha256)
-        except thumbs.NoSuchImage as e:
-            raise HTTPError(404, str(e)) from None
-        info = images.verify(path)  # the type it is served as comes from the bytes, not the name
-        return FileResponse(path, media_type=f"image/{info.extension.replace('jpg', 'jpeg')}",
-                            headers={"Cache-Control": "public, max-age=31536000, immutable",
-                                     "X-Content-Type-Options": "nosniff"})
-
-    @app.get("/thumb/{sha256}", summary="A thumbnail, by the sha256 of the stored image")
-    def thumb(sha256: str) -> FileResponse:
-        try:
-            path = thumbs.thumbnail(library.data_dir, library.cursor(), sha256)
+            path = find(library.data_dir, library.cursor(), sha256)
         except thumbs.NoSuchImage as e:
             raise HTTPError(404, str(e)) from None
         except images.BadImage as e:
             raise HTTPError(422, f"the stored image cannot be decoded: {e}") from None
-        # content-addressed: the bytes behind a name never change
-        return FileResponse(path, media_type="image/jpeg",
-                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        if media_type is None:  # the type comes from the bytes' header, not the name (no full decode)
+            with Image.open(path) as img:
+                media_type = Image.MIME.get(img.format or "", "application/octet-stream")
+        return FileResponse(path, media_type=media_type,
+                            headers={"Cache-Control": "public, max-age=31536000, immutable",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/media/{sha256}", summary="A stored image itself, by its sha256 (the image page only)")
+    def media(sha256: str) -> FileResponse:
+        return by_content(thumbs.stored, sha256)
+
+    @app.get("/thumb/{sha256}", summary="A thumbnail, by the sha256 of the stored image")
+    def thumb(sha256: str) -> FileResponse:
+        return by_content(thumbs.thumbnail, sha256, "image/jpeg")
 
     return app
 
