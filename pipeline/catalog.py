@@ -48,8 +48,8 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
 
 
 def view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
-              captioner_id: str | None) -> dict[str, str]:
-    root = "."
+             captioner_id: str | None, root: str = ".") -> dict[str, str]:
+    """The catalog's views; `root` is how their SQL names the data directory (see tables.scan_sql)."""
     views = {
         "posts": tables.latest_sql(tables.POSTS, data_dir, root),
         "media": tables.latest_sql(tables.MEDIA, data_dir, root),
@@ -109,7 +109,8 @@ _UDF_MACROS = [
        ORDER BY score DESC, i.media_id LIMIT k""",
 ]
 
-def _path(data_dir: Path) -> Path:
+def existing(data_dir: Path) -> Path:
+    """The catalog file of `data_dir`; raises CatalogMissing, saying what to do, when there is none."""
     path = data_dir / CATALOG
     if not path.exists():
         raise CatalogMissing(f"no catalog at {storage.remote_url(data_dir) or path}: "
@@ -120,7 +121,7 @@ def _path(data_dir: Path) -> Path:
 
 def connect(data_dir: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the catalog with paths resolving inside `data_dir` and the fts extension loaded."""
-    con = duckdb.connect(str(_path(data_dir)), read_only=read_only)
+    con = duckdb.connect(str(existing(data_dir)), read_only=read_only)
     _session(con, data_dir)
     load_extension(con, "fts")
     return con
@@ -135,7 +136,7 @@ def snapshot(data_dir: Path) -> duckdb.DuckDBPyConnection:
     views every search reads row by row (SNAPSHOT_TABLES) are computed once, into tables of
     that database: a view recomputes its Parquet joins at each query.
     """
-    path = str(_path(data_dir)).replace("'", "''")
+    path = str(existing(data_dir)).replace("'", "''")
     con = duckdb.connect()
     load_extension(con, "fts")
     con.execute(f"ATTACH '{path}' AS {CATALOG_NAME} (READ_ONLY)")

@@ -283,14 +283,15 @@ def _status(cfg: Config) -> list[dict]:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    from clipgram.app import library, server
+    from clipgram.app import library, server, sql
 
     cfg = _config(args)
     catalog.connect(cfg.data_dir)  # no library yet: say so now, not at the first request
     token = args.token or (None if server.is_loopback(args.host) else server.new_token())
     where = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"clipgram app on {cfg.data_dir}: open {where}  (Ctrl-C stops it)", flush=True)
-    server.serve(library.Library(cfg.data_dir, cfg.models), args.host, args.port, token)
+    limits = sql.Limits(args.sql_rows, args.sql_timeout) if args.allow_sql else None
+    server.serve(library.Library(cfg.data_dir, cfg.models, limits), args.host, args.port, token)
     return 0
 
 
@@ -494,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface to listen on (default 127.0.0.1; any other needs a token)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="the token other hosts must send (default: generated and printed)")
+    p.add_argument("--allow-sql", action="store_true",
+                   help="serve POST /api/sql: one read-only SELECT at a time, no file access "
+                        "outside the library, rows and run time capped")
+    p.add_argument("--sql-rows", type=int, default=1000, metavar="N", help="--allow-sql: rows returned at most")
+    p.add_argument("--sql-timeout", type=float, default=10.0, metavar="S",
+                   help="--allow-sql: seconds a statement may run")
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("rerun", parents=[common, fetching],

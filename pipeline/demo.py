@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import instaloader
+from PIL import Image
 
 from clipgram import synthetic
 from clipgram.sources.instagram import offline_context
@@ -30,6 +31,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "demo_profile"
 ACCOUNT = "clipgram.demo"
 RECORDED_BASE = "http://127.0.0.1:8765"
 OWNER = {"id": "4242424242", "username": ACCOUNT}
+REPOSTED = 3  # the post whose picture the last post shows again
 SCENES_FILE = "scenes.tsv"  # what each image shows: the truth the demo's tests check answers against
 
 _OPENERS = [
@@ -87,12 +89,20 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
         shown[name] = scene
         return f"{RECORDED_BASE}/images/{name}"
 
+    def repost(name: str, post: int) -> str:
+        """The last post shows an earlier post's picture again, as accounts do: smaller and
+        recompressed (another file, the same photo), which the duplicates analysis must find."""
+        with Image.open(dest / "images" / f"CgDemo{post:04d}.jpg") as earlier:
+            earlier.resize((240, 240), Image.Resampling.BICUBIC).save(dest / "images" / name, quality=60)
+        shown[name] = shown[f"CgDemo{post:04d}.jpg"]
+        return f"{RECORDED_BASE}/images/{name}"
+
     for i in range(posts):
         shortcode = f"CgDemo{i:04d}"
         taken_at = start + timedelta(days=i, hours=rng.randint(0, 10))
-        scene = scenes[i]
+        scene = scenes[REPOSTED if i == posts - 1 else i]
         alt = f"May be an image of a {scene.shape}" if i % 4 == 0 else None
-        url = image(f"{shortcode}.jpg", scene)
+        url = repost(f"{shortcode}.jpg", REPOSTED) if i == posts - 1 else image(f"{shortcode}.jpg", scene)
         if i == 10:  # a carousel of three pictures
             children = [{"__typename": "GraphImage", "id": str(900 + j), "shortcode": f"{shortcode}c{j}",
                          "display_url": image(f"{shortcode}_{j}.jpg", s) if j else url,
@@ -105,7 +115,8 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
                          url, rng, typename="GraphVideo", alt=alt,
                          video_url=f"{RECORDED_BASE}/videos/{shortcode}.mp4")
         else:
-            node = _node(shortcode, 1000 + i, taken_at, _caption(scene, rng), url, rng, alt=alt)
+            prefix = "Throwback! " if i == posts - 1 else ""
+            node = _node(shortcode, 1000 + i, taken_at, _caption(scene, rng, prefix), url, rng, alt=alt)
         post = instaloader.Post(context, node)
         instaloader.save_structure_to_file(post, str(dest / f"{taken_at:%Y-%m-%d_%H-%M-%S}_UTC.json"))
     profile = instaloader.Profile(context, {

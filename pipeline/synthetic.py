@@ -57,7 +57,12 @@ def render(scene: Scene, size: int = 224, rng: random.Random | None = None) -> I
     # drawn from `rng` in this order, which the embedded sample's seed depends on
     background = _jitter(COLORS[scene.background], rng, 12)
     where = place(size, rng)
-    return draw(scene.shape, _jitter(COLORS[scene.color], rng, 18), background, where, rng)
+    return draw(scene.shape, named_color(scene.color, rng), background, where, rng)
+
+
+def named_color(name: str, rng: random.Random) -> tuple[int, ...]:
+    """The colour `name` as a shape is filled with it: jittered a little."""
+    return _jitter(COLORS[name], rng, 18)
 
 
 def unnamed_color(rng: random.Random, away_from: tuple[tuple[int, ...], ...] = ()) -> tuple[int, ...]:

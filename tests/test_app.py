@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clipgram import catalog, demo, synthetic
-from clipgram.app import library, server, thumbs
+from clipgram.app import library, server, sql, thumbs
 
 RESULT_FIELDS = {"media_id", "score", "account", "shortcode", "caption", "post_caption", "thumbnail",
                  "permalink"}
@@ -165,3 +165,64 @@ def test_another_interface_needs_the_token(lib):
         assert http.get("/api/status").status_code == 200  # then its cookie
         http.cookies.clear()
         assert http.get("/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_sql_is_off_unless_allowed(app):
+    refused = app.post("/api/sql", json={"sql": "SELECT 1"})
+    assert refused.status_code == 403 and "--allow-sql" in refused.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def sql_app(data_dir, ingested_sample):
+    lib = library.Library(data_dir, ingested_sample.models, sql.Limits(rows=5, timeout_s=1.0))
+    with client(lib) as http:
+        yield http
+
+
+def _sql(http, statement: str):
+    return http.post("/api/sql", json={"sql": statement})
+
+
+def test_sql_reads_the_library_within_its_row_limit(sql_app, data_dir):
+    con = catalog.connect(data_dir)
+    images = con.execute("SELECT count(*) FROM images").fetchone()[0]
+    counted = _sql(sql_app, "SELECT count(*) AS n FROM images").json()
+    assert counted["columns"] == ["n"] and counted["rows"] == [[images]] and not counted["truncated"]
+    capped = _sql(sql_app, "SELECT media_id, taken_at, embedding FROM images JOIN embeddings USING (sha256)").json()
+    assert len(capped["rows"]) == 5 and capped["truncated"] and images > 5
+    assert isinstance(capped["rows"][0][1], str) and len(capped["rows"][0][2]) == int(catalog.meta(con)["clip_dim"])
+    # the CLIP functions and the catalog's macros, as in `clipgram sql`
+    by_sql = _sql(sql_app, "SELECT media_id FROM search_text('a red circle', 3)").json()["rows"]
+    by_api = sql_app.get("/api/search", params={"q": "a red circle", "k": 3, "mode": "clip"}).json()["results"]
+    assert [r[0] for r in by_sql] == [r["media_id"] for r in by_api]
+    assert _sql(sql_app, "SELECT count(*) FROM search_captions('circle', 3)").json()["rows"][0][0] > 0
+
+
+@pytest.mark.parametrize("statement, says", [
+    ("COPY (SELECT 1) TO 'planted.csv'", "only SELECT"),
+    ("COPY images TO 'tables/planted.parquet'", "only SELECT"),
+    ("ATTACH 'other.duckdb' AS other", "only SELECT"),
+    ("INSTALL httpfs", "only SELECT"),
+    ("LOAD fts", "only SELECT"),
+    ("SET enable_external_access = true", "only SELECT"),
+    ("CREATE TABLE planted AS SELECT 1", "only SELECT"),
+    ("SELECT 1; SELECT 2", "one statement"),
+    ("SELECT * FROM read_text('/etc/passwd')", "failed"),
+    ("SELECT * FROM read_csv('../secret.csv')", "failed"),
+    ("SELECT * FROM read_text('tables/../../secret.csv')", "failed"),
+    ("SELECT * FROM glob('/*')", "failed"),
+    ("SELEC 1", "failed"),
+])
+def test_sql_refuses_what_is_not_a_read_of_the_library(sql_app, data_dir, statement, says):
+    (data_dir.parent / "secret.csv").write_text("a\nsecret\n")
+    before = _tables(data_dir)
+    refused = _sql(sql_app, statement)
+    assert refused.status_code == 400 and says in refused.json()["error"]
+    assert _tables(data_dir) == before and not list(data_dir.glob("planted*"))
+    assert _sql(sql_app, "SELECT 1 AS one").json()["rows"] == [[1]]  # and it still serves
+
+
+def test_a_long_statement_is_stopped(sql_app):
+    slow = _sql(sql_app, "SELECT sum(hash(i)) FROM range(100000000000) t(i)")
+    assert slow.status_code == 400 and "ran past 1 s" in slow.json()["error"]
+    assert _sql(sql_app, "SELECT 2 AS two").json()["rows"] == [[2]]

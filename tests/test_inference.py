@@ -3,7 +3,6 @@ back-off on CUDA OOM."""
 
 from dataclasses import replace
 
-import open_clip
 import pytest
 import torch
 
@@ -151,7 +150,7 @@ def test_another_model_embeds_into_a_partition_of_its_own_and_leaves_the_first_u
     # the same architecture with other weights, from a local checkpoint: another model id
     torch.manual_seed(1)
     weights = tmp_path / "other.pt"
-    torch.save(open_clip.create_model(tiny.TINY_CLIP).state_dict(), weights)
+    torch.save(tiny.create(tiny.TINY_CLIP)[0].state_dict(), weights)
     other = make_config(tmp_path / "data", decode={"workers": 0},
                         models={"clip": f"{tiny.TINY_CLIP}:{weights}"})
     assert embed(other.data_dir, "a", other).done == 6

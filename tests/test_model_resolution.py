@@ -111,8 +111,9 @@ def _weights(state):
     return buffer.getvalue()
 
 
-def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp_path, hub, tiny_clip_ckpt):
-    state = torch.load(tiny_clip_ckpt)
+def test_an_hf_hub_model_loads_from_the_cache_under_an_id_naming_its_weights(tmp_path, hub):
+    torch.manual_seed(0)
+    state = open_clip.create_model(tiny.TINY_CLIP).state_dict()  # open_clip's model of the config
     weights = _weights(state)
     _hub_snapshot(hub, "clipgram/tiny", "1" * 40, weights)
 

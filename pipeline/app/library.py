@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import duckdb
 
 from clipgram import catalog
+from clipgram.app import sql
 from clipgram.config import ModelSettings
 
 if TYPE_CHECKING:
@@ -29,11 +30,13 @@ class Generation:
 
 
 class Library:
-    def __init__(self, data_dir: Path, models: ModelSettings):
+    def __init__(self, data_dir: Path, models: ModelSettings, sql_limits: sql.Limits | None = None):
         self.data_dir = data_dir
         self.models = models
+        self.sql_limits = sql_limits  # None: no SQL served
         self._lock = threading.Lock()
         self._current: Generation | None = None
+        self._sandbox: tuple[tuple[int, int], sql.Sandbox] | None = None
         self._model_lock = threading.Lock()
         self._encoder = None
 
@@ -56,6 +59,15 @@ class Library:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for one request (a DuckDB connection is not shared across threads)."""
         return catalog.snapshot_cursor(self.generation().con, self.data_dir)
+
+    def sandbox(self) -> sql.Sandbox:
+        """The read-only SQL sandbox over the newest published catalog (only with sql_limits)."""
+        assert self.sql_limits is not None
+        stamp = self.generation().stamp
+        with self._lock:
+            if self._sandbox is None or self._sandbox[0] != stamp:
+                self._sandbox = stamp, sql.Sandbox(self.data_dir, self.encoder, self.sql_limits)
+            return self._sandbox[1]
 
     def encoder(self) -> "clip.ClipEncoder":
         """CLIP, loaded at the first query that needs it and kept."""

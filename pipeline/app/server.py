@@ -20,11 +20,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel, Field
 
 from clipgram import catalog, images, search, status
 from clipgram.analysis.derived import ALL_ACCOUNTS
@@ -50,6 +53,11 @@ def is_loopback(host: str) -> bool:
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+class SqlRequest(BaseModel):
+    sql: str = Field(..., description="one SELECT or EXPLAIN statement over the catalog's views",
+                     examples=["SELECT account, count(*) FROM images GROUP BY account"])
 
 
 class HTTPError(Exception):
@@ -244,6 +252,18 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
             FROM duplicates WHERE scope = ? GROUP BY group_id ORDER BY group_id""", [scope]).fetchall()
         return {"groups": [{"group": g, "kind": kind, "images": members} for g, kind, members in found],
                 "hint": None if found else "no duplicate groups: run `clipgram duplicates`"}
+
+    @app.post("/api/sql", summary="One read-only SQL statement (only when started with --allow-sql)")
+    def api_sql(body: SqlRequest) -> dict[str, Any]:
+        if library.sql_limits is None:
+            raise HTTPError(403, "SQL is off: start the app with --allow-sql to serve read-only SQL")
+        try:
+            answer = library.sandbox().run(body.sql)
+        except duckdb.Error as e:
+            raise HTTPError(400, f"the statement failed: {e}") from None
+        return {"columns": answer.columns, "truncated": answer.truncated,
+                "elapsed_ms": round(answer.elapsed_ms, 2), "limit": library.sql_limits.rows,
+                "rows": jsonable_encoder(answer.rows, custom_encoder={bytes: bytes.hex})}
 
     def by_content(find, sha256: str, media_type: str | None = None) -> FileResponse:
         """A file named by content address: its bytes never change behind the name."""

@@ -43,7 +43,10 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
 
     tiny.register_configs()
     kwargs = dict(resolved.preprocess)
-    if resolved.weights is not None:
+    # the tiny architectures are open_clip's with a vision tower of the project's own, built
+    # first and then given their weights
+    own = resolved.arch in tiny.RECIPES
+    if resolved.weights is not None and not own:
         kwargs["pretrained"] = resolved.weights
     # the hub cache is already checked by resolve: don't let hub clients retry for a minute
     offline = resolved.weights is not None or os.environ.get("HF_HUB_OFFLINE")
@@ -51,8 +54,13 @@ def load(resolved: Any, device: torch.device) -> tuple[torch.nn.Module, Any, Any
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            resolved.arch, device=device, **kwargs)
+        if own:
+            model, preprocess = tiny.create(resolved.arch, device=device, **kwargs)
+            if resolved.weights is not None:
+                open_clip.load_checkpoint(model, resolved.weights, device=device)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                resolved.arch, device=device, **kwargs)
     except (RuntimeError, AssertionError, KeyError) as e:
         if resolved.weights is None:
             raise

@@ -89,13 +89,16 @@ async function searchView(params) {
   }
   if (!path) { grid.replaceChildren(); note.textContent = "Type what you are looking for, or drop an image."; return; }
   note.className = "note";
+  const seen = routes;
   try {
     const body = await api(path);
+    if (seen !== routes) return;
     fill(grid, body.results);
     if (body.mode) note.textContent += `${note.textContent ? " · " : ""}${body.results.length} results (${body.mode})`;
     $("#prev").hidden = !page;
     $("#next").hidden = body.results.length < PAGE || body.page === undefined;
   } catch (error) {
+    if (seen !== routes) return;
     grid.replaceChildren();
     note.className = "note error";
     note.textContent = error.message;
@@ -292,7 +295,12 @@ async function imageView(mediaId) {
   }
 }
 
+// Each navigation counts: an answer that arrives after a newer navigation (a filter changed
+// while the previous search was still loading) is dropped, not drawn over the newer one.
+let routes = 0;
+
 function route() {
+  routes += 1;
   const path = location.pathname;
   if (path === "/explore") return exploreView();
   if (path === "/map") return mapView();
