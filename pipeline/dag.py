@@ -32,6 +32,15 @@ class Stage:
     # No tables: it always runs (scrape reads Instagram, which has no fingerprint).
     tables: Callable[[str], list[str]] | None = None
     settings: tuple[str, ...] = ()
+    # what its output depends on in clipgram's own code (the catalog's views and macros): a
+    # clipgram that changes it runs the stage again though no table or setting changed
+    layout: Callable[[], str] | None = None
+
+
+def _catalog_layout() -> str:
+    from clipgram import catalog
+
+    return catalog.layout()
 
 
 # Each stage's module is imported when the stage runs: they bring torch, open_clip, httpx and
@@ -89,7 +98,7 @@ DAG: tuple[Stage, ...] = (
     Stage("publish", _publish,
           tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES
                                   if t is not tables.RUNS],
-          settings=("models", "caption")),
+          settings=("models", "caption"), layout=_catalog_layout),
 )
 NAMES: tuple[str, ...] = tuple(stage.name for stage in DAG)
 _BY_NAME = {stage.name: stage for stage in DAG}
@@ -114,4 +123,5 @@ def fingerprint(cfg: Config, account: str, stage: Stage) -> Callable[[], str] | 
         return None
     globs = stage.tables(account)
     settings = [dataclasses.asdict(getattr(cfg, section)) for section in stage.settings]
-    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings)
+    layout = stage.layout
+    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings, *([layout()] if layout else []))

@@ -262,19 +262,65 @@ class VectorIndex:
         return (rows[best] if rows is not None else best), scores[best]
 
 
+class TextIndex:
+    """The catalog's BM25 (its bm25() macro) held in memory, for a process that serves many
+    queries (the app): every (word, document) share of the score is computed once, so a query
+    adds up a few arrays instead of reading the index's tables (10 ms against 70 at 100k)."""
+
+    def __init__(self, media_ids: np.ndarray, words: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.media_ids = media_ids  # document number → media id, in media id order
+        self.words = words  # stemmed word → (document numbers, their shares of the score)
+
+    @classmethod
+    def build(cls, con: duckdb.DuckDBPyConnection) -> "TextIndex":
+        shares = con.execute("SELECT term, media_id, score FROM bm25_terms(NULL) "
+                             "ORDER BY term, media_id").fetchnumpy()
+        media_ids, docs = np.unique(shares["media_id"].astype(str), return_inverse=True)
+        terms = shares["term"].astype(str)
+        starts = np.flatnonzero(np.r_[True, terms[1:] != terms[:-1]]) if len(terms) else np.zeros(0, int)
+        ends = np.r_[starts[1:], len(terms)]
+        scores = shares["score"].astype(np.float64)
+        return cls(media_ids, {terms[a]: (docs[a:b], scores[a:b]) for a, b in zip(starts, ends)})
+
+    def top(self, con: duckdb.DuckDBPyConnection, query: str, k: int,
+            media_ids: list[str] | None = None) -> list[tuple[str, float]]:
+        """(media_id, score) of the best `k` documents matching a word of `query` (among
+        `media_ids` when given), best first, ties by media id: what bm25() ranks."""
+        words = con.execute("SELECT bm25_words(?)", [query]).fetchone()[0] or []
+        found = [self.words[w] for w in words if w in self.words]
+        if not found:
+            return []
+        docs = np.concatenate([d for d, _ in found])
+        scores = np.bincount(docs, np.concatenate([s for _, s in found]), len(self.media_ids))
+        matched = np.unique(docs)
+        if media_ids is not None:
+            matched = matched[np.isin(self.media_ids[matched], media_ids)]
+        if len(matched) > k:  # the k best, and every document tied with the k-th
+            kth = np.partition(scores[matched], len(matched) - k)[len(matched) - k]
+            matched = matched[scores[matched] >= kth]
+        best = matched[np.lexsort((matched, -scores[matched]))][:k]  # numbers are in media id order
+        return [(str(self.media_ids[d]), float(scores[d])) for d in best]
+
+
 # --- running a search ---------------------------------------------------------------------------
 
 _HIT_COLUMNS = """i.account, i.shortcode, i.media_id,
     coalesce(i.generated_caption, i.post_caption, '') AS caption, i.path, i.permalink"""
 
 
+def one_of(values: list[Any]) -> str:
+    """`(?, ?, …)` for `col IN` a list of values: constants the planner can probe an index with
+    (a list parameter, as in list_contains(?, col), is a scan of every row)."""
+    return f"({', '.join('?' * len(values))})"
+
+
 def _hits(con: duckdb.DuckDBPyConnection, data_dir: Path, ranked: list[tuple[str, float]]) -> list[Hit]:
     """Hits for (media_id, score) pairs, in the given order."""
     if not ranked:
         return []
+    ids = [m for m, _ in ranked]
     rows = {r[2]: r for r in con.execute(
-        f"SELECT {_HIT_COLUMNS} FROM images i WHERE list_contains(?::VARCHAR[], i.media_id)",
-        [[m for m, _ in ranked]]).fetchall()}
+        f"SELECT {_HIT_COLUMNS} FROM images i WHERE i.media_id IN {one_of(ids)}", ids).fetchall()}
     return [Hit(rank, float(score), *rows[m][:4], str(data_dir / rows[m][4]), rows[m][5])
             for rank, (m, score) in enumerate(ranked, start=1)]
 
@@ -327,19 +373,23 @@ def vector_ranking(con: duckdb.DuckDBPyConnection, index: VectorIndex, vector: n
                    filters: Filters, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
     """(media_id, cosine) of the best `k` images that pass `filters`, best first."""
     rows, scores = index.top(vector, k + len(exclude), _candidate_rows(con, filters))
-    ids = dict(con.execute("SELECT row, media_id FROM search_rows WHERE list_contains(?::INTEGER[], row)",
-                           [rows.tolist()]).fetchall())
+    if not len(rows):
+        return []
+    ids = dict(con.execute(f"SELECT row, media_id FROM search_rows WHERE row IN {one_of(rows)}",
+                           rows.tolist()).fetchall())
     return [(ids[r], float(s)) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
 
 
-def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int,
-                    filters: Filters) -> list[tuple[str, float]]:
-    """(media_id, BM25 score) over generated captions, post captions, hashtags and alt text."""
+def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int, filters: Filters,
+                    text: TextIndex | None = None) -> list[tuple[str, float]]:
+    """(media_id, BM25 score) over generated captions, post captions, hashtags and alt text;
+    from `text` when given (the same ranking, held in memory), else from the catalog."""
     sql, params = filters.media_sql()
+    if text is not None:
+        passing = [m for m, in con.execute(sql, params).fetchall()] if filters else None
+        return text.top(con, query, k, passing)
     return [(m, float(s)) for m, s in con.execute(f"""
-        SELECT media_id, score FROM
-          (SELECT media_id, fts_main_documents.match_bm25(media_id, ?) AS score FROM documents)
-        WHERE score IS NOT NULL AND media_id IN ({sql})
+        SELECT media_id, score FROM bm25(?) WHERE media_id IN ({sql})
         ORDER BY score DESC, media_id LIMIT ?""", [query, *params, k]).fetchall()]
 
 
@@ -362,10 +412,12 @@ MODES = ("auto", "clip", "captions", "hybrid")
 
 def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k: int = 10,
            mode: str = "auto", filters: Filters | None = None,
-           encoder: clip.ClipEncoder | None = None) -> tuple[str, list[Hit]]:
+           encoder: clip.ClipEncoder | None = None, text: TextIndex | None = None
+           ) -> tuple[str, list[Hit]]:
     """Run a search; returns the mode it ran in (auto resolved) and the hits, best first.
 
-    auto = hybrid for a query of positive text terms when captions exist, else CLIP.
+    auto = hybrid for a query of positive text terms when captions exist, else CLIP. `text`:
+    the catalog's BM25 held in memory, for a process that keeps it (else read per query).
     """
     filters = filters or Filters()
     text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
@@ -375,7 +427,7 @@ def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k:
         raise SearchError(f"--mode {mode} needs text only (no images, --like or negative terms)")
     words = " ".join(t.value for t in terms)
     if mode == "captions":
-        return mode, _hits(con, data_dir, caption_ranking(con, words, k, filters))
+        return mode, _hits(con, data_dir, caption_ranking(con, words, k, filters, text))
     index = VectorIndex.open(con, data_dir)
     vector = query_vector(con, index, terms, encoder)
     exclude = {t.value for t in terms if t.kind == "like"}  # an image is trivially like itself
@@ -383,7 +435,7 @@ def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k:
         return mode, _hits(con, data_dir, vector_ranking(con, index, vector, k, filters, exclude))
     pool = max(RRF_POOL, k)
     ranked = fuse([vector_ranking(con, index, vector, pool, filters),
-                   caption_ranking(con, words, pool, filters)], k)
+                   caption_ranking(con, words, pool, filters, text)], k)
     return mode, _hits(con, data_dir, ranked)
 
 

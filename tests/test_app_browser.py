@@ -11,8 +11,8 @@ import urllib.parse
 from pathlib import Path
 
 import httpx
-from browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
 
+from bench.browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
 from clipgram import demo
 from clipgram.app import library, server
 

@@ -64,6 +64,16 @@ def test_second_run_writes_nothing(ingested, recorded_copy):
     assert _parts(cfg) == parts and (cfg.data_dir / "catalog.duckdb").stat().st_mtime == mtime
 
 
+def test_a_clipgram_that_builds_the_catalog_otherwise_publishes_again(ingested, recorded_copy, monkeypatch):
+    """No table changed, but the catalog's SQL did (a new clipgram): publish runs again, alone."""
+    cfg, _ = ingested
+    parts = _parts(cfg)
+    monkeypatch.setattr(catalog, "layout", lambda: "the next version's views and macros")
+    results = {r.stage: r for r in ingest_account(demo.ACCOUNT, cfg.as_dict(), str(recorded_copy))}
+    assert all(results[s].note.startswith("skipped") for s in ("download", "embed", "caption"))
+    assert results["publish"].done > 0 and _parts(cfg) == parts
+
+
 def _scenes_found_first(cfg, mode: str) -> tuple[int, int, list]:
     """For each colour and shape the posts mention, search for it: (pairs whose top image shows
     it, pairs whose top image's generated caption also names it, the misses). The truth is

@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
-
+from bench.browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
 from clipgram.cli import main
 
 pytestmark = needs_chromium

@@ -145,6 +145,33 @@ def test_sql_macros_agree_with_the_cli(env, capsys):
     assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in cli_hits]
 
 
+@pytest.mark.parametrize("query", ["a red circle", "Circles!", "red square on a white background",
+                                   "#minimal #geometry", "Throwback", "café", "the", "zzzz", ""])
+def test_bm25_scores_what_the_fts_extension_scores(env, query):
+    """The catalog's set-based bm25() gives the fts extension's own match_bm25, document by document."""
+    _, con, _ = env
+    theirs = con.execute("SELECT media_id, score FROM (SELECT media_id, fts_main_documents.match_bm25("
+                         "media_id, ?) AS score FROM documents) WHERE score IS NOT NULL ORDER BY media_id",
+                         [query]).fetchall()
+    ours = con.execute("SELECT media_id, score FROM bm25(?) ORDER BY media_id", [query]).fetchall()
+    assert [m for m, _ in ours] == [m for m, _ in theirs]
+    assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], rel=1e-12)
+
+
+@pytest.mark.parametrize("query, filters", [
+    ("a red circle", search.Filters()), ("square white", search.Filters(min_likes=300)),
+    ("#minimal", search.Filters(hashtags=["geometry"])), ("zzzz", search.Filters())])
+def test_the_bm25_index_in_memory_ranks_as_the_catalog_does(env, query, filters):
+    _, con, _ = env
+    text = search.TextIndex.build(con)
+    for k in (1, 5, 100):
+        ours = search.caption_ranking(con, query, k, filters, text)
+        theirs = search.caption_ranking(con, query, k, filters)
+        assert [m for m, _ in ours] == [m for m, _ in theirs]
+        assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], rel=1e-12)
+    assert query == "zzzz" or ours
+
+
 def test_clear_errors(env, capsys):
     cfg, _, _ = env
     code, err = _cli(cfg, capsys, "search", "--like", "NoSuchMedia_0")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from clipgram import catalog
+from clipgram import catalog, search
 from clipgram.app import sql
 from clipgram.config import ModelSettings
 
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Generation:
-    """One published catalog and its connection."""
+    """One published catalog: its connection and its BM25 index in memory."""
     stamp: tuple[int, int]
     con: duckdb.DuckDBPyConnection
+    text: search.TextIndex
 
 
 class Library:
@@ -53,12 +54,14 @@ class Library:
             raise
         with self._lock:
             if self._current is None or self._current.stamp != stamp:
-                self._current = Generation(stamp, catalog.snapshot(self.data_dir))
+                con = catalog.snapshot(self.data_dir)
+                self._current = Generation(stamp, con, search.TextIndex.build(con))
             return self._current
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor of its own for one request (a DuckDB connection is not shared across threads)."""
-        return catalog.snapshot_cursor(self.generation().con, self.data_dir)
+    def cursor(self, generation: Generation | None = None) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own for one request (a DuckDB connection is not shared across
+        threads), on `generation` (default: the newest)."""
+        return catalog.snapshot_cursor((generation or self.generation()).con, self.data_dir)
 
     def sandbox(self) -> sql.Sandbox:
         """The read-only SQL sandbox over the newest published catalog (only with sql_limits)."""

@@ -80,8 +80,10 @@ _COLUMNS = ("media_id", "account", "shortcode", "sha256", "generated_caption", "
 
 
 def _rows(con, media_ids: list[str]) -> dict[str, dict[str, Any]]:
-    found = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE list_contains(?::VARCHAR[], media_id)",
-                        [media_ids]).fetchall()
+    if not media_ids:
+        return {}
+    found = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE media_id IN {search.one_of(media_ids)}",
+                        media_ids).fetchall()
     return {r[0]: dict(zip(_COLUMNS, r)) for r in found}
 
 
@@ -136,9 +138,11 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
 
     def run_search(terms: list[search.Term], k: int, page: int, mode: str,
                    filters: search.Filters) -> dict[str, Any]:
-        con = library.cursor()
+        generation = library.generation()
+        con = library.cursor(generation)
         encoder = None if mode == "captions" else library.encoder()
-        ran, hits = search.search(con, library.data_dir, terms, k * (page + 1), mode, filters, encoder)
+        ran, hits = search.search(con, library.data_dir, terms, k * (page + 1), mode, filters, encoder,
+                                  generation.text)
         return {"mode": ran, "page": page, "k": k, "results": _results(con, hits[k * page:])}
 
     @app.get("/api/search", summary="Search by text: what `clipgram search` takes")

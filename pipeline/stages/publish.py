@@ -68,7 +68,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     Skipped when no table part and no model changed since the last publish.
     """
     final = data_dir / catalog.CATALOG
-    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id)
+    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout())
     if final.exists() and _published_fingerprint(final) == fingerprint:
         return StageResult("publish", account, note="catalog up to date").log()
     tmp = data_dir / f".{catalog.CATALOG}.tmp"

@@ -1,4 +1,4 @@
-"""Headless Chromium driven over the DevTools protocol, for the page tests."""
+"""Headless Chromium driven over the DevTools protocol: the page tests and the app bench."""
 
 from __future__ import annotations
 
