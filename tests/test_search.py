@@ -198,3 +198,16 @@ def test_a_command_loads_a_model_only_when_it_needs_one(env, argv, loads_model):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env_vars)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == ("LOADED" if loads_model else "NONE")
+
+
+
+@pytest.mark.parametrize("values", [["B1_0", "it's", "x'); DROP TABLE t; --", ""], [3, 1, 2]])
+def test_one_of_lists_values_as_literals_that_match_only_themselves(values):
+    import duckdb
+
+    con = duckdb.connect()
+    kind = "VARCHAR" if isinstance(values[0], str) else "INTEGER"
+    con.execute(f"CREATE TABLE t (v {kind})")
+    con.executemany("INSERT INTO t VALUES (?)", [[v] for v in [*values, *(["other"] if kind == "VARCHAR" else [9])]])
+    found = [v for v, in con.execute(f"SELECT v FROM t WHERE v IN {search.one_of(values)} ORDER BY v").fetchall()]
+    assert found == sorted(values) and con.execute("SELECT count(*) FROM t").fetchone()[0] == len(values) + 1

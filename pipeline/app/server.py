@@ -82,8 +82,8 @@ _COLUMNS = ("media_id", "account", "shortcode", "sha256", "generated_caption", "
 def _rows(con, media_ids: list[str]) -> dict[str, dict[str, Any]]:
     if not media_ids:
         return {}
-    found = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE media_id IN {search.one_of(media_ids)}",
-                        media_ids).fetchall()
+    found = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE media_id IN {search.one_of(media_ids)}"
+                        ).fetchall()
     return {r[0]: dict(zip(_COLUMNS, r)) for r in found}
 
 
