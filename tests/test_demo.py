@@ -56,7 +56,11 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     monkeypatch.chdir(tmp_path)  # a suggested search writes results.html here
     data = tmp_path / "demo"
     assert main(["demo", "--data-dir", str(data), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # the console has clipgram's lines only: no other library's (open_clip's "No pretrained
+    # weights loaded … initialized randomly" was one, and untrue)
+    loggers = re.findall(r"^\d\d:\d\d:\d\d\S* [| ]*(?:INFO|WARNING|ERROR)[| ]+([\w.]+)", err, re.MULTILINE)
+    assert "clipgram" in loggers and {name.split(".")[0] for name in loggers} == {"clipgram"}, err
     # model auto says which model it took
     assert re.search(r"models: CLIP clipgram-tiny-clip@ckpt-\w+, captioner clipgram-tiny-coca@ckpt-\w+", out)
     assert "Text → image (CLIP)" in out and "Hybrid, CLIP + BM25" in out

@@ -102,11 +102,22 @@ class ConvTower(nn.Module):
         return pooled, self.token_norm(self.token_proj(cells) + self.token_position)
 
 
+def _no_weights_yet(record: logging.LogRecord) -> bool:
+    """Drops open_clip's "No pretrained weights loaded … initialized randomly" (on the root
+    logger), which is untrue of a model whose weights are loaded right after it is built."""
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def create(arch: str, **kwargs) -> tuple[torch.nn.Module, object]:
     """(model, preprocess) of a tiny architecture, untrained: open_clip's model from the config
     (text tower, CoCa decoder, input size and preprocessing) with a ConvTower for its vision
     tower. `kwargs` go to open_clip."""
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, **kwargs)
+    root = logging.getLogger()
+    root.addFilter(_no_weights_yet)  # they come next (models.load), or training is said
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, **kwargs)
+    finally:
+        root.removeFilter(_no_weights_yet)
     decoder = getattr(model, "text_decoder", None)
     tower = ConvTower(model.visual.output_dim, model.visual.image_size[0],
                       decoder.width if decoder is not None else None)
