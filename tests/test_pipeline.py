@@ -74,16 +74,15 @@ def test_a_clipgram_that_builds_the_catalog_otherwise_publishes_again(ingested, 
     assert results["publish"].done > 0 and _parts(cfg) == parts
 
 
-def _scenes_found_first(cfg, mode: str) -> tuple[int, int, list]:
-    """For each colour and shape the posts mention, search for it: (pairs whose top image shows
-    it, pairs whose top image's generated caption also names it, the misses). The truth is
-    what the sample drew."""
+def _scene_misses(cfg, mode: str) -> tuple[list, list]:
+    """For each colour and shape the posts mention, search for it: (the pairs, those whose top
+    image does not show it or whose generated caption does not name it). The truth is what
+    the sample drew."""
     con = catalog.connect(cfg.data_dir)
     encoder = clip.from_config(cfg.models)
     shown = demo.scenes()
     pairs = sorted(set(con.execute("SELECT hashtags[1], hashtags[2] FROM posts").fetchall()))
     assert len(pairs) >= 15  # the sample names most of the 24 pairs
-    found = captioned = 0
     misses = []
     for color, shape in pairs:
         _, hits = search.search(con, cfg.data_dir, [search.Term("text", f"a {color} {shape}")], 1, mode,
@@ -91,29 +90,15 @@ def _scenes_found_first(cfg, mode: str) -> tuple[int, int, list]:
         url, generated = con.execute("SELECT url, generated_caption FROM media JOIN images USING (media_id) "
                                      "WHERE media_id = ?", [hits[0].media_id]).fetchone()
         scene = shown[url.rsplit("/", 1)[1]]
-        right = (scene.color, scene.shape) == (color, shape)
-        found += right
-        captioned += right and (generated or "").startswith(f"a {color} {shape} ")
-        if not right:
+        if (scene.color, scene.shape) != (color, shape) or not (generated or "").startswith(f"a {color} {shape} "):
             misses.append((color, shape, scene, generated))
-    return found, captioned, pairs, misses
-
-
-# floors: what the shipped stand-ins do now (hybrid search also reads the posts' own captions)
-FOUND_FIRST_FLOOR = {"hybrid": 0.95, "clip": 0.9}  # now: 16 and 15 of the 16 pairs
+    return pairs, misses
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "clip"])
-def test_a_search_for_a_scene_the_posts_name_finds_it_first(ingested, mode):
-    found, _, pairs, misses = _scenes_found_first(ingested[0], mode)
-    assert found / len(pairs) >= FOUND_FIRST_FLOOR[mode], misses
-
-
-@pytest.mark.parametrize("mode", ["hybrid", pytest.param("clip", marks=pytest.mark.xfail(
-    strict=True, reason="issue 18 must-hold 3: the stand-in CLIP alone still confuses yellow and orange"))])
 def test_every_scene_the_posts_name_is_found_first_and_captioned(ingested, mode):
-    _, captioned, pairs, misses = _scenes_found_first(ingested[0], mode)
-    assert captioned == len(pairs), misses
+    pairs, misses = _scene_misses(ingested[0], mode)
+    assert pairs and not misses, misses
 
 
 def test_caption_full_text_search_ranks_matching_captions(ingested):
