@@ -255,10 +255,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     from clipgram.analysis import projection
 
     cfg = _config(args)
-    page = args.html or args.out.with_suffix(".html")
-    result = projection.run(cfg.data_dir, _stored_model(cfg), args.account, args.out, page,
+    png = args.out or cfg.data_dir / "map.png"
+    page = args.html or png.with_suffix(".html")
+    result = projection.run(cfg.data_dir, _stored_model(cfg), args.account, png, page,
                             args.method or cfg.analysis.map_method)
-    print(f"map ({result.note})")
+    print(f"map ({result.note}): {png}, {page}")
     return 0
 
 
@@ -476,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clusters)
 
     p = sub.add_parser("map", parents=[common], help="2-D map of the images: PNG and HTML")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--out", type=Path, help="PNG file to write (default: map.png in the data directory)")
     p.add_argument("--html", type=Path, help="interactive page (default: --out with .html)")
     p.add_argument("--account", help="only this account (default: across all)")
     p.add_argument("--method", choices=["auto", "umap", "pca"], help="default [analysis] map_method")

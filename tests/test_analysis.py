@@ -145,6 +145,13 @@ def test_map_png_html_and_table(analysed, tmp_path, capsys):
                        f"WHERE scope = '{derived.ALL_ACCOUNTS}'").fetchone() == (n, 0.0, 1.0, 0.0, 1.0)
 
 
+def test_map_as_the_app_suggests_it_writes_into_the_data_directory(analysed, capsys):
+    """The app's map page says `clipgram map`: as printed, it works (no --out needed)."""
+    assert _run(analysed, "map") == 0
+    assert (analysed.data_dir / "map.png").is_file() and (analysed.data_dir / "map.html").is_file()
+    assert str(analysed.data_dir / "map.png") in capsys.readouterr().out
+
+
 def test_readme_example_queries_run(analysed, capsys):
     """Every ```sql block in the README runs in `clipgram sql` and returns rows."""
     queries = re.findall(r"```sql\n(.*?)```", README.read_text(), re.DOTALL)

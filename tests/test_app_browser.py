@@ -102,4 +102,6 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         rows = _until(page, "[...document.querySelectorAll('#stages tbody tr')].map(r => r.innerText)")
         assert any(demo.ACCOUNT in r and "embed" in r for r in rows)
         assert _until(page, "document.querySelectorAll('#clusters .cluster').length") == 3
+        explore = page.evaluate("document.querySelector('main').innerText")
+        assert "all accounts" in explore and "_all_accounts" not in explore  # no internal names
         assert page.problems() == []

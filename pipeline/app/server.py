@@ -98,6 +98,11 @@ def _filters(account: list[str], since: date | None, until: date | None, hashtag
                           min_likes=min_likes, labels=[search.parse_label_filter(t) for t in label])
 
 
+def scope_label(scope: str) -> str:
+    """What a person reads for a scope of the derived tables: never its internal name."""
+    return "all accounts" if scope == ALL_ACCOUNTS else f"@{scope}"
+
+
 def create_app(library: Library, token: str | None = None) -> FastAPI:
     """The app over `library`; with a `token`, every request must carry it."""
     app = FastAPI(title="clipgram", summary="Search and explore an image library",
@@ -221,7 +226,7 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                    list(sha256 ORDER BY similarity DESC)[1:?] AS samples
             FROM clusters GROUP BY scope, cluster ORDER BY scope, images DESC, cluster""",
                             [samples]).fetchall()
-        return {"clusters": [{"scope": s, "cluster": c, "name": n, "images": i,
+        return {"clusters": [{"scope": s, "scope_label": scope_label(s), "cluster": c, "name": n, "images": i,
                               "samples": [f"/thumb/{h}" for h in sample]} for s, c, n, i, sample in found],
                 "hint": None if found else "no clusters yet: run `clipgram clusters -k auto`"}
 

@@ -168,7 +168,7 @@ async function exploreView() {
   $("#clusters").replaceChildren(...(clusters.clusters || []).map((c) => el("div", { className: "cluster" },
     el("h3", {}, el("a", { href: `/?cluster=${c.cluster}&scope=${encodeURIComponent(c.scope)}`, dataset: { nav: "" },
                            textContent: `${c.name || "cluster " + c.cluster}` }),
-       ` · ${c.images} images · ${c.scope}`),
+       ` · ${c.images} images · ${c.scope_label}`),
     el("div", { className: "strip" }, ...c.samples.map((src) => el("img", { src, alt: "", loading: "lazy" }))))));
   $("#duplicates-note").textContent = duplicates.error || duplicates.hint || "";
   $("#duplicates").replaceChildren(...(duplicates.groups || []).map((g) => el("div", { className: "cluster" },
