@@ -57,9 +57,12 @@ def _config(args: argparse.Namespace, default_file: Path | None = None) -> Confi
 
 def _catalog(cfg: Config) -> duckdb.DuckDBPyConnection:
     """The catalog, read-only. A mirror of an object-store data dir may hold parts its
-    catalog lacks (another machine ingested): those are published first."""
+    catalog lacks (another machine ingested): those are published first; so is a catalog
+    that another version of clipgram built."""
     if storage.remote_url(cfg.data_dir):
         publish.republish(cfg.data_dir)
+    else:
+        publish.upgrade(cfg.data_dir)
     return catalog.connect(cfg.data_dir)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,6 +171,32 @@ def test_the_bm25_index_in_memory_ranks_as_the_catalog_does(env, query, filters)
         assert [m for m, _ in ours] == [m for m, _ in theirs]
         assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], rel=1e-12)
     assert query == "zzzz" or ours
+
+
+def test_a_catalog_an_older_clipgram_built_is_published_again_when_opened(env, tmp_path, capsys):
+    """An older catalog lacks today's macros (bm25()): the first command or app that opens it
+    publishes it again, and hybrid search works."""
+    import duckdb
+
+    from clipgram.app import library
+
+    cfg, _, _ = env
+    for name in ("cli", "app"):
+        old = tmp_path / name
+        shutil.copytree(cfg.data_dir, old)
+        with duckdb.connect(str(old / catalog.CATALOG)) as con:
+            con.execute("DROP MACRO TABLE search_captions; DROP MACRO TABLE bm25; DROP MACRO TABLE bm25_terms")
+            con.execute("DELETE FROM clipgram_meta WHERE key = 'layout'")
+        if name == "cli":
+            code, hits = _cli(cfg.replace("data", dir=str(old)), capsys, "search", "a red circle",
+                              "--mode", "hybrid")
+        else:
+            lib = library.Library(old, cfg.models)
+            hits = search.search(lib.cursor(), old, [search.Term("text", "a red circle")], 5, "hybrid",
+                                 encoder=lib.encoder(), text=lib.generation().text)[1]
+            code = 0
+        assert code == 0 and hits, hits
+        assert catalog.meta(catalog.connect(old))["layout"] == catalog.layout()
 
 
 def test_clear_errors(env, capsys):

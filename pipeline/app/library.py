@@ -2,7 +2,8 @@
 
 Publishing replaces catalog.duckdb atomically (a new file renamed over the old one), so a
 new inode or mtime means a new generation: the connection and the vector index are
-reopened then, and never in the middle of a request. Nothing here writes.
+reopened then, and never in the middle of a request. Nothing here writes, but for a catalog
+that another version of clipgram built: it is published again once, when the app starts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import duckdb
 from clipgram import catalog, search
 from clipgram.app import sql
 from clipgram.config import ModelSettings
+from clipgram.stages import publish
 
 if TYPE_CHECKING:
     from clipgram.models import clip
@@ -54,6 +56,9 @@ class Library:
             raise
         with self._lock:
             if self._current is None or self._current.stamp != stamp:
+                if self._current is None:  # a library older than this app: its catalog rebuilt once
+                    publish.upgrade(self.data_dir)
+                    stamp = self._stamp()
                 con = catalog.snapshot(self.data_dir)
                 self._current = Generation(stamp, con, search.TextIndex.build(con))
             return self._current

@@ -9,6 +9,7 @@ built, so publish rebuilds it every time something changed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from clipgram.result import StageResult
 from clipgram.search import write_matrix
 
 INDEX_DIR = "index"
+log = logging.getLogger("clipgram")
 
 
 def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerprint: str,
@@ -82,7 +84,8 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
             ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
-            ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index]])
+            ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index],
+            ["layout", catalog.layout()]])
         # FTS indexes tables, not views: materialise one document per image
         con.execute("""
             CREATE TABLE documents AS
@@ -112,6 +115,20 @@ def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
     final = data_dir / catalog.MODELS_FILE
     if not final.exists() or json.loads(final.read_text()) != models:
         storage.write_text(final, json.dumps(models))
+
+
+def upgrade(data_dir: Path) -> None:
+    """Republish a catalog that another version of clipgram built (its views and macros are
+    not this one's), once, at the first command that opens it; else nothing."""
+    path = data_dir / catalog.CATALOG
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            built_with = catalog.meta(con).get("layout")
+    except duckdb.Error:
+        return  # no catalog (or not one): the command says what to do
+    if built_with != catalog.layout():
+        log.info("the catalog was built by another version of clipgram: publishing it again")
+        republish(data_dir)
 
 
 def republish(data_dir: Path, account: str = "*") -> StageResult:
