@@ -64,14 +64,14 @@ def _published_fingerprint(path: Path) -> str | None:
 
 
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
-            captioner_id: str | None, account: str = "*") -> StageResult:
+            captioner_id: str | None, account: str = "*", force: bool = False) -> StageResult:
     """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
 
     Skipped when no table part and no model changed since the last publish.
     """
     final = data_dir / catalog.CATALOG
     fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout())
-    if final.exists() and _published_fingerprint(final) == fingerprint:
+    if not force and final.exists() and _published_fingerprint(final) == fingerprint:
         return StageResult("publish", account, note="catalog up to date").log()
     tmp = data_dir / f".{catalog.CATALOG}.tmp"
     tmp.unlink(missing_ok=True)
@@ -128,10 +128,10 @@ def upgrade(data_dir: Path) -> None:
         return  # no catalog (or not one): the command says what to do
     if built_with != catalog.layout():
         log.info("the catalog was built by another version of clipgram: publishing it again")
-        republish(data_dir)
+        republish(data_dir, force=True)  # its fingerprint may not say so: it was computed otherwise
 
 
-def republish(data_dir: Path, account: str = "*") -> StageResult:
+def republish(data_dir: Path, account: str = "*", force: bool = False) -> StageResult:
     """Publish again with the models last published (after a derived table changed, or on a
     machine whose mirror of an object-store data dir has no catalog yet)."""
     if (data_dir / catalog.MODELS_FILE).exists():
@@ -141,4 +141,4 @@ def republish(data_dir: Path, account: str = "*") -> StageResult:
             models = catalog.meta(con)
     dim = models.get("clip_dim")
     return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
-                   models.get("captioner"), account)
+                   models.get("captioner"), account, force)
