@@ -262,7 +262,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     page = args.html or png.with_suffix(".html")
     result = projection.run(cfg.data_dir, _stored_model(cfg), args.account, png, page,
                             args.method or cfg.analysis.map_method)
-    print(f"map ({result.note}): {png}, {page}")
+    print(f"map ({result.note})")
     return 0
 
 

@@ -75,26 +75,27 @@ async function searchView(params) {
   const grid = $("#results");
   $("#prev").hidden = $("#next").hidden = true;
   let path = null;
+  let label = "";  // what the results are, beside their count
   if (params.get("like")) {
     path = `/api/similar/${encodeURIComponent(params.get("like"))}?k=${PAGE}&page=${page}`;
-    note.textContent = `Images like ${params.get("like")}`;
+    label = `Images like ${params.get("like")}`;
   } else if (params.get("cluster") !== null && params.get("cluster") !== "") {
     path = `/api/clusters/${encodeURIComponent(params.get("cluster"))}?scope=${encodeURIComponent(params.get("scope") || "_all_accounts")}`;
-    note.textContent = `Cluster ${params.get("cluster")}`;
+    label = `Cluster ${params.get("cluster")}`;
   } else if (params.get("q")) {
     const query = new URLSearchParams({ q: params.get("q"), k: PAGE, page });
     for (const name of FILTERS) if (params.get(name)) query.set(name, params.get(name));
     path = `/api/search?${query}`;
-    note.textContent = "";
   }
   if (!path) { grid.replaceChildren(); note.textContent = "Type what you are looking for, or drop an image."; return; }
   note.className = "note";
+  note.textContent = label || "Searching…";  // a fresh app loads CLIP at its first query
   const seen = routes;
   try {
     const body = await api(path);
     if (seen !== routes) return;
     fill(grid, body.results);
-    if (body.mode) note.textContent += `${note.textContent ? " · " : ""}${body.results.length} results (${body.mode})`;
+    if (body.mode) note.textContent = [label, `${body.results.length} results (${body.mode})`].filter(Boolean).join(" · ");
     $("#prev").hidden = !page;
     $("#next").hidden = body.results.length < PAGE || body.page === undefined;
   } catch (error) {
@@ -275,6 +276,9 @@ async function mapView() {
 async function imageView(mediaId) {
   show("image-view");
   const facts = $("#image-facts");
+  // the first request of a fresh app loads CLIP for the neighbours: say so meanwhile
+  facts.replaceChildren(el("dd", { className: "note", textContent: "Loading…" }));
+  $("#neighbours").replaceChildren();
   try {
     const body = await api(`/api/image/${encodeURIComponent(mediaId)}`);
     const i = body.image;
