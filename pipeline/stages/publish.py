@@ -55,12 +55,13 @@ def _fingerprint(data_dir: Path, *ids: Any) -> str:
     return tables.fingerprint(data_dir, ["**/*.parquet"], *ids)
 
 
-def _published_fingerprint(path: Path) -> str | None:
+def _published(data_dir: Path) -> dict[str, Any]:
+    """The published catalog's clipgram_meta; empty when there is none (or it is not one)."""
     try:
-        with duckdb.connect(str(path), read_only=True) as con:
-            return catalog.meta(con).get("fingerprint")
+        with duckdb.connect(str(data_dir / catalog.CATALOG), read_only=True) as con:
+            return catalog.meta(con)
     except duckdb.Error:
-        return None
+        return {}
 
 
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
@@ -71,7 +72,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     """
     final = data_dir / catalog.CATALOG
     fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout())
-    if not force and final.exists() and _published_fingerprint(final) == fingerprint:
+    if not force and _published(data_dir).get("fingerprint") == fingerprint:
         return StageResult("publish", account, note="catalog up to date").log()
     tmp = data_dir / f".{catalog.CATALOG}.tmp"
     tmp.unlink(missing_ok=True)
@@ -120,13 +121,8 @@ def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
 def upgrade(data_dir: Path) -> None:
     """Republish a catalog that another version of clipgram built (its views and macros are
     not this one's), once, at the first command that opens it; else nothing."""
-    path = data_dir / catalog.CATALOG
-    try:
-        with duckdb.connect(str(path), read_only=True) as con:
-            built_with = catalog.meta(con).get("layout")
-    except duckdb.Error:
-        return  # no catalog (or not one): the command says what to do
-    if built_with != catalog.layout():
+    published = _published(data_dir)
+    if published and published.get("layout") != catalog.layout():  # none: the command says what to do
         log.info("the catalog was built by another version of clipgram: publishing it again")
         republish(data_dir, force=True)  # its fingerprint may not say so: it was computed otherwise
 
