@@ -245,8 +245,12 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     from clipgram.analysis import clusters
 
     cfg = _config(args)
-    k = None if args.k == "auto" else int(args.k)
-    clusters.run(cfg.data_dir, _stored_model(cfg), args.account, k, cfg.analysis.k_max)
+    if args.rename:
+        cluster, name = args.rename
+        clusters.rename(cfg.data_dir, _stored_model(cfg), args.account, int(cluster), name).log()
+    else:
+        k = None if args.k == "auto" else int(args.k)
+        clusters.run(cfg.data_dir, _stored_model(cfg), args.account, k, cfg.analysis.k_max).log()
     _publish_and_show(cfg, args, """
         SELECT cluster, cluster_name, count(*) AS images, round(avg(similarity), 3) AS cohesion,
                any_value(silhouette) AS silhouette
@@ -271,10 +275,19 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     threshold = args.threshold if args.threshold is not None else cfg.analysis.duplicate_threshold
-    duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold)
+    duplicates.run(cfg.data_dir, _stored_model(cfg), args.account, threshold).log()
     _publish_and_show(cfg, args, """
         SELECT group_id, kind, media_id, account, round(similarity, 4) AS similarity, sha256
         FROM duplicates WHERE scope = ? ORDER BY group_id, similarity DESC, media_id""")
+    return 0
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from clipgram.stages import analyse
+
+    cfg = _config(args)
+    _catalog(cfg)  # no library yet: say so
+    analyse.analyse(cfg, args.account, refit=args.refit)
     return 0
 
 
@@ -376,7 +389,7 @@ NEXT_STEPS = (
     ["search", "triangle", "--captions"],
     ["sql", "SELECT caption, count(*) AS images FROM captions GROUP BY ALL ORDER BY images DESC LIMIT 5"],
     ["status"],
-    ["clusters", "-k", "auto"],
+    ["sql", "SELECT cluster_name, count(*) AS images FROM clusters GROUP BY ALL ORDER BY images DESC"],
 )
 APP_STEP = (["app"],)  # serves until stopped: printed apart, and tested by starting it
 
@@ -477,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clusters", parents=[common, out], help="group images by k-means on embeddings")
     p.add_argument("--account", help="only this account (default: across all)")
     p.add_argument("-k", default="auto", help="number of clusters, or auto (best silhouette)")
+    p.add_argument("--rename", nargs=2, metavar=("CLUSTER", "NAME"),
+                   help="name a cluster yourself: the name stays as images are added and clusters refitted")
     p.set_defaults(func=cmd_clusters)
 
     p = sub.add_parser("map", parents=[common], help="2-D map of the images: PNG and HTML")
@@ -490,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="only this account (default: across all)")
     p.add_argument("--threshold", type=float, help="cosine threshold (default [analysis] duplicate_threshold)")
     p.set_defaults(func=cmd_duplicates)
+
+    p = sub.add_parser("analyse", parents=[common],
+                       help="bring labels, clusters, map and duplicates up to date (the analyse stage)")
+    p.add_argument("--account", help="also this account's own clusters, map and duplicates")
+    p.add_argument("--refit", action="store_true",
+                   help="fit every analysis anew, instead of placing new images on the stored fits")
+    p.set_defaults(func=cmd_analyse)
 
     p = sub.add_parser("status", parents=[common, out], help="done / pending / failed per stage")
     p.set_defaults(func=cmd_status)

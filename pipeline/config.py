@@ -156,6 +156,7 @@ class AnalysisSettings:
     duplicate_threshold: Annotated[float, Between(-1, 1)]
     k_max: Annotated[int, Between(2)]
     map_method: Literal["auto", "umap", "pca"]
+    refit_growth: Annotated[float, Between(0)]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The DAG, declared once: the five stages in order, each a small typed record.
+"""The DAG, declared once: the six stages in order, each a small typed record.
 
 The flow (which tasks retry), the runner (what a stage runs and when it may be
 skipped), reruns (which stages come after which), the Dask runner (which tasks
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipgram import tables
+from clipgram.analysis import derived, fits
 from clipgram.config import Config
 from clipgram.result import StageResult
 
@@ -32,15 +33,21 @@ class Stage:
     # No tables: it always runs (scrape reads Instagram, which has no fingerprint).
     tables: Callable[[str], list[str]] | None = None
     settings: tuple[str, ...] = ()
-    # what its output depends on in clipgram's own code (the catalog's views and macros): a
-    # clipgram that changes it runs the stage again though no table or setting changed
-    layout: Callable[[], str] | None = None
+    # what else its output depends on: clipgram's own code (the catalog's views and macros), files
+    # beside the settings (label sets): a change runs the stage again though no table or setting did
+    depends: Callable[[Config], object] | None = None
 
 
-def _catalog_layout() -> str:
+def _catalog_layout(cfg: Config) -> str:
     from clipgram import catalog
 
     return catalog.layout()
+
+
+def _label_sets(cfg: Config) -> object:
+    from clipgram.analysis import labels
+
+    return {name: labels.definition(s) for name, s in labels.load_sets(cfg.data_dir).items()}
 
 
 # Each stage's module is imported when the stage runs: they bring torch, open_clip, httpx and
@@ -80,6 +87,12 @@ def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
     return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
 
 
+def _analyse(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.stages import analyse
+
+    return analyse.analyse(cfg, account)
+
+
 def _media(account: str) -> str:
     return f"{tables.MEDIA.name}/{tables.MEDIA.parts(account)}"
 
@@ -98,7 +111,12 @@ DAG: tuple[Stage, ...] = (
     Stage("publish", _publish,
           tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES
                                   if t is not tables.RUNS],
-          settings=("models", "caption"), layout=_catalog_layout),
+          settings=("models", "caption"), depends=_catalog_layout),
+    # reads the published catalog and every table; writes the derived tables and their fits
+    Stage("analyse", _analyse,
+          tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES if t is not tables.RUNS]
+          + [f"{t.name}/**/*.parquet" for t in derived.ALL_DERIVED] + [f"{fits.FITS_DIR}/**/*.parquet"],
+          settings=("analysis",), depends=_label_sets),
 )
 NAMES: tuple[str, ...] = tuple(stage.name for stage in DAG)
 _BY_NAME = {stage.name: stage for stage in DAG}
@@ -123,5 +141,5 @@ def fingerprint(cfg: Config, account: str, stage: Stage) -> Callable[[], str] | 
         return None
     globs = stage.tables(account)
     settings = [dataclasses.asdict(getattr(cfg, section)) for section in stage.settings]
-    layout = stage.layout
-    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings, *([layout()] if layout else []))
+    depends = stage.depends
+    return lambda: tables.fingerprint(cfg.data_dir, globs, *settings, *([depends(cfg)] if depends else []))

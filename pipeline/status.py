@@ -57,12 +57,15 @@ def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[
         SELECT account, 'caption', count(cap.sha256) FILTER (cap.error IS NULL),
                count(*) - count(cap.sha256), count(cap.error), any_value(cap.error)
         FROM images LEFT JOIN cap USING (sha256) GROUP BY account),
+        -- stages without items of their own (publish, analyse): what their last completed run did
+        did AS (SELECT account, stage, done FROM runs WHERE status = 'completed'
+                QUALIFY row_number() OVER (PARTITION BY account, stage ORDER BY started_at DESC) = 1),
         last AS (SELECT account, stage, status, coalesce(finished_at, started_at) AS at, error,
                         host, pid FROM runs
                  QUALIFY row_number() OVER (PARTITION BY account, stage ORDER BY started_at DESC) = 1)
-        SELECT account, stage, coalesce(c.done, 0), coalesce(c.pending, 0), coalesce(c.failed, 0),
+        SELECT account, stage, coalesce(c.done, d.done, 0), coalesce(c.pending, 0), coalesce(c.failed, 0),
                l.status, l.at, coalesce(l.error, c.last_error), l.host, l.pid
-        FROM counts c FULL JOIN last l USING (account, stage)
+        FROM counts c FULL JOIN last l USING (account, stage) LEFT JOIN did d USING (account, stage)
         ORDER BY account, array_position({list(NAMES)}, stage)
     """).fetchall()]
     for row in found:

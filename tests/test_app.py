@@ -226,3 +226,32 @@ def test_a_long_statement_is_stopped(sql_app):
     slow = _sql(sql_app, "SELECT sum(hash(i)) FROM range(100000000000) t(i)")
     assert slow.status_code == 400 and "ran past 1 s" in slow.json()["error"]
     assert _sql(sql_app, "SELECT 2 AS two").json()["rows"] == [[2]]
+
+
+def test_explore_pages_without_analyses_say_why_and_the_command_that_fills_them(ingested_sample, tmp_path):
+    """A library whose analyses are gone: each Explore API names a command; run as printed, it
+    fills them."""
+    import shlex
+
+    from clipgram.analysis import derived, fits
+    from clipgram.cli import main
+    from clipgram.stages import publish
+
+    data = tmp_path / "data"
+    shutil.copytree(ingested_sample.data_dir, data)
+    for name in [t.name for t in derived.ALL_DERIVED] + [fits.FITS_DIR]:
+        shutil.rmtree(data / "tables" / name, ignore_errors=True)
+    publish.republish(data)
+    lib = library.Library(data, ingested_sample.models)
+    with client(lib) as http:
+        hints = {path: http.get(path).json()["hint"] for path in ("/api/clusters", "/api/map", "/api/duplicates")}
+    assert all(h and "analyse stage" in h for h in hints.values()), hints
+    commands = {h.split(": ", 1)[1].rsplit("now: ", 1)[-1] for h in hints.values()}
+    assert len(commands) == 1
+    argv = shlex.split(commands.pop())
+    assert argv[:2] == ["clipgram", "analyse"] and "_all_accounts" not in " ".join(hints.values())
+    assert main([*argv[1:], "--clip-model", "tiny", "--captioner", "tiny", "--device", "cpu"]) == 0
+    lib = library.Library(data, ingested_sample.models)
+    with client(lib) as http:
+        assert http.get("/api/clusters").json()["clusters"] and http.get("/api/map").json()["points"]
+        assert http.get("/api/duplicates").json()["groups"]  # the demo's repost

@@ -85,7 +85,33 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
                              f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
         assert liked and all(int(c["meta"].split("♥ ")[1].split(" ")[0]) >= 500 for c in liked)
 
-        # the map: a click on a point opens its image
+        # the map: few points, so pictures at once, each in its cluster's colour; the legend hides one
+        open_page(page, url + "/map")
+        drawn = _until(page, "map.points.length && map.drawn <= THUMBS_AT && [...map.thumbs.values()]"
+                             ".filter(i => i.complete && i.naturalWidth > 0).length === map.drawn && map.drawn")
+        assert drawn == len(page.evaluate("map.points"))
+        legend = page.evaluate("[...document.querySelectorAll('#map-legend .legend')].map(b => b.textContent)")
+        assert len(legend) == 3 and all("(" in name and "_all" not in name for name in legend)
+        page.evaluate("document.querySelector('#map-legend .legend').click()")
+        _until(page, f"map.hidden.size === 1 && map.drawn < {drawn}")
+        page.evaluate("document.querySelector('#map-legend .legend').click()")
+        _until(page, f"map.hidden.size === 0 && map.drawn === {drawn}")
+        # shift-drag a box round every point: its images, as a result page
+        corners = page.evaluate("""(() => { const r = document.querySelector('#map').getBoundingClientRect();
+            return [r.left + 2, r.top + 2, r.right - 2, r.bottom - 2]; })()""")
+        page.send("Input.dispatchMouseEvent", type="mousePressed", x=corners[0], y=corners[1], button="left",
+                  clickCount=1, modifiers=8)
+        page.send("Input.dispatchMouseEvent", type="mouseMoved", x=corners[2], y=corners[3], button="left",
+                  buttons=1, modifiers=8)
+        page.send("Input.dispatchMouseEvent", type="mouseReleased", x=corners[2], y=corners[3], button="left",
+                  clickCount=1, modifiers=8)
+        note = _until(page, "location.search.includes('region=') && "
+                            "document.querySelector('#search-note').textContent.includes('images') && "
+                            "document.querySelector('#search-note').textContent")
+        assert note.startswith(f"Selected on the map · {drawn} images")
+        assert len(_until(page, CARDS)) == min(drawn, 24)
+
+        # a click on a point opens its image
         open_page(page, url + "/map")
         point = _until(page, """map.points.length && (() => { const c = document.querySelector('#map');
             const r = c.getBoundingClientRect(); const [x, y] = mapXY(map.points[0], c);
@@ -104,4 +130,14 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         assert _until(page, "document.querySelectorAll('#clusters .cluster').length") == 3
         explore = page.evaluate("document.querySelector('main').innerText")
         assert "all accounts" in explore and "_all_accounts" not in explore  # no internal names
+        # named clusters with their pictures; one opens as a result page under its name
+        page.evaluate(ALL_IMAGES_SETTLED)
+        assert page.evaluate("[...document.querySelectorAll('#clusters img')].every(i => i.naturalWidth > 0)")
+        name, size = page.evaluate("""(() => { const h = document.querySelector('#clusters h3');
+            return [h.querySelector('a').textContent, Number(h.textContent.split(' · ')[1].split(' ')[0])]; })()""")
+        page.evaluate("document.querySelector('#clusters h3 a').click()")
+        note = _until(page, "location.search.includes('cluster=') && "
+                            "document.querySelector('#search-note').textContent.includes('images') && "
+                            "document.querySelector('#search-note').textContent")
+        assert note == f"{name} · {size} images" and len(_until(page, CARDS)) == min(size, 24)
         assert page.problems() == []

@@ -9,16 +9,29 @@ one, never a mix.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from clipgram import tables
+from clipgram import storage, tables
+from clipgram.errors import ClipgramError
 
 ALL_ACCOUNTS = "_all_accounts"  # scope of results computed across every account
+
+
+class AnalysisError(ClipgramError, ValueError):
+    """An analysis cannot run on what the library holds (too few images, no such cluster)."""
+
+
+def scope_label(scope: str) -> str:
+    """What a person reads for a scope of the derived tables: never its internal name."""
+    return "all accounts" if scope == ALL_ACCOUNTS else f"@{scope}"
 
 
 @dataclass(frozen=True)
@@ -55,13 +68,73 @@ DUPLICATES = Derived("duplicates", "scope", pa.schema([
 ALL_DERIVED = (LABELS, CLUSTERS, MAP, DUPLICATES)
 
 
+MAX_INCREMENTS = 16  # files appended to one result before they are folded into it
+
+
+def _increments(final: Path) -> list[Path]:
+    # "~" cannot occur in a model name (tables.check_partition_value): no other result's file
+    return sorted(final.parent.glob(f"{final.stem}~*.parquet"))
+
+
+def _arrow(table: Derived, model: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{**row, "model": model} for row in rows], schema=table.schema)
+
+
 def replace(data_dir: Path, table: Derived, scope: str, model: str,
             rows: Iterable[dict[str, Any]]) -> Path:
-    """Write `rows` as the whole result of (`scope`, `model`), replacing the previous one atomically."""
+    """Write `rows` as the whole result of (`scope`, `model`), replacing the previous one atomically.
+
+    Its increments go first: a reader in between sees the previous result without its latest
+    images, and a crash in between leaves those images for the next run to place again."""
     final = table.file(data_dir, scope, model)
     final.parent.mkdir(parents=True, exist_ok=True)
-    arrow = pa.Table.from_pylist([{**row, "model": model} for row in rows], schema=table.schema)
-    return tables.write_atomically(arrow, final)
+    storage.remove(_increments(final))
+    return tables.write_atomically(_arrow(table, model, rows), final)
+
+
+def append(data_dir: Path, table: Derived, scope: str, model: str,
+           rows: Iterable[dict[str, Any]]) -> Path:
+    """Add `rows` to the result of (`scope`, `model`) as a file of their own beside it (so a run
+    that adds ten images writes ten images' rows, not the library's); every MAX_INCREMENTS
+    files, they are folded into the result."""
+    final = table.file(data_dir, scope, model)
+    new = _arrow(table, model, rows)
+    existing = _increments(final)
+    if len(existing) + 1 >= MAX_INCREMENTS:
+        whole = pa.concat_tables([pq.read_table(f, schema=table.schema) for f in [final, *existing]] + [new])
+        return replace(data_dir, table, scope, model, whole.to_pylist())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return tables.write_atomically(new, final.with_name(f"{final.stem}~{time.time_ns():020d}.parquet"))
+
+
+@dataclass(frozen=True)
+class Delta:
+    """How a scope's images differ from those a result covers."""
+    new: list[int]   # positions (in the scope's Vectors) of the images it does not cover
+    gone: bool       # it covers images no longer in the scope
+
+
+def delta(data_dir: Path, table: Derived, scope: str, model: str, found: "Vectors") -> Delta | None:
+    """What the result of (`scope`, `model`) lacks of `found`; None when there is no result."""
+    final = table.file(data_dir, scope, model)
+    if not final.exists():
+        return None
+    # read as dictionaries: a label result repeats each image once per label, its dictionary
+    # does not; sets of strings stay in Arrow (100k images: milliseconds, not a Python set)
+    dictionaries = [chunk.dictionary for f in [final, *_increments(final)]
+                    for chunk in pq.read_table(f, columns=["sha256"], read_dictionary=["sha256"])
+                    .column("sha256").chunks]
+    covered = pc.unique(pa.concat_arrays(dictionaries)) if dictionaries else pa.array([], pa.string())
+    missing = np.flatnonzero(~pc.is_in(found.sha_array, value_set=covered).to_numpy(zero_copy_only=False))
+    return Delta(missing.tolist(), len(covered) > len(found.shas) - len(missing))
+
+
+def read(data_dir: Path, table: Derived, scope: str, model: str, columns: list[str]) -> list[dict[str, Any]]:
+    """The rows of the result of (`scope`, `model`), increments included; [] when there is none."""
+    final = table.file(data_dir, scope, model)
+    if not final.exists():
+        return []
+    return [row for f in [final, *_increments(final)] for row in pq.read_table(f, columns=columns).to_pylist()]
 
 
 def view_sql(table: Derived, data_dir: Path, root: str, model: str | None) -> str:
@@ -75,19 +148,38 @@ def view_sql(table: Derived, data_dir: Path, root: str, model: str | None) -> st
     return f"SELECT {', '.join(columns)}, NULL::VARCHAR AS {table.scope} WHERE false"
 
 
-def stored_vectors(data_dir: Path, model: str, account: str | None = None
-                   ) -> tuple[list[str], np.ndarray]:
-    """(sha256s, unit vectors) of the downloaded images of `account` (all when None) as stored.
+@dataclass(frozen=True)
+class Vectors:
+    """The embedded images of a scope, one row each (by sha256), over the published vector index."""
+    shas: list[str]
+    rows: np.ndarray     # their rows in `matrix`
+    matrix: np.ndarray   # the catalog's memory-mapped index: every image of the library
+    sha_array: pa.Array  # `shas` as Arrow, for set operations at library size
 
-    Reads the embeddings table itself: analysis never re-encodes an image.
+    def of(self, which: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """(n, d) float32 unit vectors of all images, or of those at positions `which`."""
+        rows = self.rows if which is None else self.rows[np.asarray(which, dtype=np.int64)]
+        return np.asarray(self.matrix[rows], dtype=np.float32)
+
+
+def vectors(data_dir: Path, model: str, account: str | None = None) -> Vectors:
+    """The stored vectors of `account`'s images (every account's when None), one per image.
+
+    Read from the vector index publish writes (a memory-mapped matrix), not from Parquet:
+    analysis never re-encodes an image, and at 100k images it reads in milliseconds.
     """
-    con = tables.connect(data_dir)
-    emb = tables.latest_sql(tables.EMBEDDINGS, data_dir, str(data_dir), model)
-    where = "WHERE m.account = ?" if account else ""
-    rows = con.execute(f"""
-        SELECT e.sha256, e.embedding FROM ({emb}) e
-        WHERE e.embedding IS NOT NULL AND e.sha256 IN (SELECT m.sha256 FROM media m {where} {'AND' if where else 'WHERE'} m.status = 'done')
-        ORDER BY e.sha256""", [account] if account else []).fetchall()
-    if not rows:
-        return [], np.zeros((0, 0), dtype=np.float32)
-    return [r[0] for r in rows], np.asarray([r[1] for r in rows], dtype=np.float32)
+    from clipgram import catalog, search  # both import this module
+
+    with catalog.connect(data_dir) as con:  # closed: a connection left open pins this catalog
+        published = catalog.meta(con).get("clip_model")
+        if published != model:
+            raise search.SearchError(f"the catalog is published with {published or 'no CLIP model'}, "
+                                     f"not {model}: run `clipgram ingest` with that model first")
+        found = con.execute("""
+            SELECT r.sha256, min(r.row) AS row FROM search_rows r
+            WHERE $account IS NULL OR r.media_id IN (SELECT media_id FROM documents WHERE account = $account)
+            GROUP BY r.sha256 ORDER BY r.sha256""", {"account": account}).to_arrow_table()
+        matrix = search.VectorIndex.open(con, data_dir).matrix if found.num_rows else np.zeros((0, 1), np.float32)
+    shas = found.column("sha256").combine_chunks()
+    return Vectors(shas.to_pylist(), found.column("row").to_numpy().astype(np.int64), matrix, shas)
+

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipgram import storage, tables
-from clipgram.analysis import derived
+from clipgram.analysis import derived, fits
 from clipgram.config import CONFIG_DIR
 from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
@@ -119,6 +119,22 @@ def score(vectors: np.ndarray, label_vecs: np.ndarray, logit_scale: float) -> tu
     return cosines, probs / probs.sum(axis=1, keepdims=True)
 
 
+def definition(label_set: LabelSet) -> dict[str, Any]:
+    """What a set's label vectors are computed from: a stored fit of another definition is stale."""
+    return {"labels": label_set.labels, "templates": label_set.templates}
+
+
+def _rows(shas: list[str], vectors: np.ndarray, label_vecs: np.ndarray, labels: list[str],
+          scale: float) -> list[dict[str, Any]]:
+    if not shas:
+        return []
+    cosines, probs = score(vectors, label_vecs, scale)
+    ranks = (-probs).argsort(axis=1).argsort(axis=1) + 1
+    return [{"sha256": sha, "label": labels[j], "score": float(probs[i, j]),
+             "cosine": float(cosines[i, j]), "rank": int(ranks[i, j])}
+            for i, sha in enumerate(shas) for j in range(len(labels))]
+
+
 def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[StageResult]:
     """Score every stored embedding of the encoder's model against each label set (all by default)."""
     sets = load_sets(data_dir)
@@ -126,21 +142,45 @@ def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[St
     if unknown:
         raise LabelError(f"unknown label set(s) {', '.join(unknown)}; known: {', '.join(sorted(sets))} "
                          f"(add one with `clipgram labels define`)")
-    shas, vectors = derived.stored_vectors(data_dir, encoder.id)
+    found = derived.vectors(data_dir, encoder.id)
+    vectors = found.of()
     # the temperature CLIP was trained with; 100 is its usual learned value
     scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 100.0
     results = []
     for name in names or sorted(sets):
         label_set = sets[name]
-        rows = []
-        if shas:
-            cosines, probs = score(vectors, label_vectors(encoder, label_set), scale)
-            ranks = (-probs).argsort(axis=1).argsort(axis=1) + 1
-            labels = list(label_set.labels)
-            rows = [{"sha256": sha, "label": labels[j], "score": float(probs[i, j]),
-                     "cosine": float(cosines[i, j]), "rank": int(ranks[i, j])}
-                    for i, sha in enumerate(shas) for j in range(len(labels))]
-        derived.replace(data_dir, derived.LABELS, name, encoder.id, rows)
-        results.append(StageResult("labels", name, done=len(shas),
-                                   note=f"{len(label_set.labels)} labels").log())
+        label_vecs = label_vectors(encoder, label_set)
+        derived.replace(data_dir, derived.LABELS, name, encoder.id,
+                        _rows(found.shas, vectors, label_vecs, list(label_set.labels), scale))
+        fits.save(data_dir, "labels", name, encoder.id, fits.Fit(
+            {"images": len(found.shas), "scale": scale, "definition": definition(label_set)},
+            {"vectors": label_vecs}))
+        results.append(StageResult("labels", name, done=len(found.shas), note=f"{len(label_set.labels)} labels"))
     return results
+
+
+def stale(data_dir: Path, model: str) -> list[str]:
+    """The configured sets whose stored fit is missing or of another definition: scoring them
+    needs the CLIP model (their prompts are encoded)."""
+    sets = load_sets(data_dir)
+    return [name for name, label_set in sorted(sets.items())
+            if (fit := fits.load(data_dir, "labels", name, model)) is None
+            or fit.meta["definition"] != definition(label_set)]
+
+
+def extend(data_dir: Path, model: str, found: derived.Vectors) -> int:
+    """Score the images of `found` that a set has not scored yet, for every set with a current
+    fit, with its stored label vectors: no model is loaded. Returns how many images were new."""
+    placed = 0
+    for name in load_sets(data_dir):
+        fit = fits.load(data_dir, "labels", name, model)
+        known = derived.delta(data_dir, derived.LABELS, name, model, found)
+        if fit is None or known is None:
+            continue
+        new = known.new
+        if new:
+            derived.append(data_dir, derived.LABELS, name, model, _rows(
+                [found.shas[i] for i in new], found.of(new), fit.arrays["vectors"],
+                list(fit.meta["definition"]["labels"]), fit.meta["scale"]))
+        placed = max(placed, len(new))
+    return placed

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipgram import catalog, images, storage
-from clipgram.analysis import derived
+from clipgram.analysis import derived, fits
 from clipgram.result import StageResult
 from clipgram.stages import publish
 
@@ -22,8 +22,10 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
            "#bfef45", "#469990", "#9a6324", "#800000", "#000075"]
 
 
-def project(x: np.ndarray, method: str = "auto") -> tuple[np.ndarray, str]:
-    """(n, 2) coordinates scaled to [0, 1], and the method used (umap or pca)."""
+def project(x: np.ndarray, method: str = "auto") -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
+    """(n, 2) coordinates scaled to [0, 1], the method used (umap or pca), and what places a
+    new point on the same map (PCA's mean, axes and scaling; nothing for UMAP)."""
+    projection: dict[str, np.ndarray] = {}
     if method in ("auto", "umap"):
         try:
             import umap  # optional: a better map of local neighbourhoods
@@ -34,12 +36,20 @@ def project(x: np.ndarray, method: str = "auto") -> tuple[np.ndarray, str]:
                 raise RuntimeError("--method umap needs umap-learn: pip install umap-learn") from None
             method = "pca"
     if method == "pca":
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        xy = centred @ vt[:2].T
-        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))  # fewer than 2 images: a flat map
-    span = np.ptp(xy, axis=0)
-    return (xy - xy.min(axis=0)) / np.where(span > 0, span, 1), method
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        axes = np.pad(vt[:2], ((0, 2 - len(vt[:2])), (0, 0)))  # fewer than 2 images: a flat map
+        projection = {"mean": mean, "axes": axes}
+        xy = (x - mean) @ axes.T
+    low, span = xy.min(axis=0), np.ptp(xy, axis=0)
+    span = np.where(span > 0, span, 1)
+    projection = {**projection, "low": low, "span": span} if projection else {}
+    return (xy - low) / span, method, projection
+
+
+def place(x: np.ndarray, projection: dict[str, np.ndarray]) -> np.ndarray:
+    """New points on a fitted PCA map (outside [0, 1] when they lie beyond every fitted one)."""
+    return ((x - projection["mean"]) @ projection["axes"].T - projection["low"]) / projection["span"]
 
 
 def _points(data_dir: Path, model: str, scope: str) -> list[tuple]:
@@ -120,20 +130,43 @@ def write_html(data_dir: Path, points: list[tuple], out: Path, title: str, metho
     return out
 
 
+def _rows(shas: list[str], xy: np.ndarray, method: str) -> list[dict]:
+    return [{"sha256": sha, "x": float(a), "y": float(b), "method": method} for sha, (a, b) in zip(shas, xy)]
+
+
+def fit(data_dir: Path, model: str, account: str | None, method: str = "auto") -> StageResult:
+    """Project the images anew and store the `map` table, and the projection when new points
+    can be placed on it (PCA) for `extend`."""
+    found = derived.vectors(data_dir, model, account)
+    scope = account or derived.ALL_ACCOUNTS
+    if not found.shas:
+        raise derived.AnalysisError(f"no embedded images in {derived.scope_label(scope)}: run `clipgram ingest` first")
+    xy, method, projection = project(found.of(), method)
+    derived.replace(data_dir, derived.MAP, scope, model, _rows(found.shas, xy, method))
+    fits.save(data_dir, "map", scope, model, fits.Fit(
+        {"images": len(found.shas), "method": method}, {k: v.astype(np.float32) for k, v in projection.items()}))
+    return StageResult("map", derived.scope_label(scope), done=len(found.shas), note=method)
+
+
+def extend(data_dir: Path, model: str, scope: str, found: derived.Vectors, new: list[int],
+           fit: fits.Fit) -> int:
+    """Place the images at positions `new` of `found` on the stored map; 0 when it cannot (UMAP)."""
+    if "axes" not in fit.arrays:
+        return 0
+    xy = place(found.of(new), fit.arrays)
+    derived.append(data_dir, derived.MAP, scope, model, _rows([found.shas[i] for i in new], xy, fit.meta["method"]))
+    return len(new)
+
+
 def run(data_dir: Path, model: str, account: str | None, png: Path, page: Path | None,
         method: str = "auto") -> StageResult:
     """Project the images, store the `map` table, then draw the PNG (and the HTML page)."""
-    shas, x = derived.stored_vectors(data_dir, model, account)
+    result = fit(data_dir, model, account, method)
     scope = account or derived.ALL_ACCOUNTS
-    if not shas:
-        raise ValueError(f"no embedded images in {scope}: run `clipgram ingest` first")
-    xy, method = project(x, method)
-    derived.replace(data_dir, derived.MAP, scope, model, [
-        {"sha256": sha, "x": float(a), "y": float(b), "method": method} for sha, (a, b) in zip(shas, xy)])
-    publish.republish(data_dir, scope)  # the map view must exist before it is drawn from
+    publish.republish(data_dir, derived.scope_label(scope))  # the map view must exist before it is drawn from
     points = _points(data_dir, model, scope)
     write_png(data_dir, points, png)
     if page is not None:
-        write_html(data_dir, points, page, account or "all accounts", method)
-    return StageResult("map", scope, done=len(shas), note=f"{method}: {png}"
-                       + (f" and {page}" if page else "")).log()
+        write_html(data_dir, points, page, derived.scope_label(scope), result.note)
+    return StageResult("map", result.account, done=result.done, note=f"{result.note}: {png}"
+                       + (f" and {page}" if page else ""))

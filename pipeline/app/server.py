@@ -30,7 +30,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from clipgram import catalog, images, search, status
-from clipgram.analysis.derived import ALL_ACCOUNTS
+from clipgram.analysis import fits
+from clipgram.analysis.derived import ALL_ACCOUNTS, scope_label
 from clipgram.app import thumbs
 from clipgram.app.library import Library
 from clipgram.errors import ClipgramError
@@ -98,9 +99,26 @@ def _filters(account: list[str], since: date | None, until: date | None, hashtag
                           min_likes=min_likes, labels=[search.parse_label_filter(t) for t in label])
 
 
-def scope_label(scope: str) -> str:
-    """What a person reads for a scope of the derived tables: never its internal name."""
-    return "all accounts" if scope == ALL_ACCOUNTS else f"@{scope}"
+def command(library: Library, *args: str) -> str:
+    """A clipgram command line that acts on this library, as a person would type it here."""
+    from clipgram.cli import next_steps
+
+    return next_steps(library.data_dir, [args])[0]
+
+
+def _not_analysed(library: Library, what: str) -> str:
+    return (f"no {what} yet: the analyse stage computes it at the end of every ingest, once 3 images "
+            f"or more are embedded. To compute it now: {command(library, 'analyse')}")
+
+
+def _no_duplicates(library: Library, scope: str) -> str:
+    meta = catalog.meta(library.cursor())
+    fit = fits.load(library.data_dir, "duplicates", scope, meta.get("clip_model") or "")
+    if fit is None:
+        return _not_analysed(library, "duplicate groups")
+    return (f"no duplicates: no two of the {fit.meta['images']} images are the same file or as close "
+            f"as cosine {fit.meta['threshold']} (a lower threshold: "
+            f"{command(library, 'duplicates', '--threshold', '0.9')})")
 
 
 def create_app(library: Library, token: str | None = None) -> FastAPI:
@@ -219,16 +237,18 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                 "failed": [dict(zip(("account", "media_id", "url", "error"), i)) for i in items]}
 
     @app.get("/api/clusters", summary="Clusters, named, with sample thumbnails")
-    def api_clusters(samples: int = Query(8, ge=1, le=48)) -> dict[str, Any]:
+    def api_clusters(scope: str = ALL_ACCOUNTS, samples: int = Query(8, ge=1, le=48)) -> dict[str, Any]:
         con = library.cursor()
         found = con.execute("""
-            SELECT scope, cluster, any_value(cluster_name) AS name, count(*) AS images,
+            SELECT cluster, any_value(cluster_name) AS name, count(*) AS images,
                    list(sha256 ORDER BY similarity DESC)[1:?] AS samples
-            FROM clusters GROUP BY scope, cluster ORDER BY scope, images DESC, cluster""",
-                            [samples]).fetchall()
-        return {"clusters": [{"scope": s, "scope_label": scope_label(s), "cluster": c, "name": n, "images": i,
-                              "samples": [f"/thumb/{h}" for h in sample]} for s, c, n, i, sample in found],
-                "hint": None if found else "no clusters yet: run `clipgram clusters -k auto`"}
+            FROM clusters WHERE scope = ? GROUP BY cluster ORDER BY images DESC, cluster""",
+                            [samples, scope]).fetchall()
+        return {"scope": scope, "scope_label": scope_label(scope),
+                "clusters": [{"scope": scope, "scope_label": scope_label(scope), "cluster": c, "name": n,
+                              "images": i, "samples": [f"/thumb/{h}" for h in sample]}
+                             for c, n, i, sample in found],
+                "hint": None if found else _not_analysed(library, "clusters")}
 
     @app.get("/api/clusters/{cluster}", summary="The images of one cluster")
     def api_cluster(cluster: int, scope: str = ALL_ACCOUNTS, k: int = Query(96, ge=1, le=1000)) -> dict[str, Any]:
@@ -238,7 +258,21 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
             WHERE c.scope = ? AND c.cluster = ? QUALIFY row_number() OVER (PARTITION BY c.sha256) = 1
             ORDER BY c.similarity DESC, i.media_id LIMIT ?""", [scope, cluster, k]).fetchall()
         rows = _rows(con, [m for m, _ in ranked])
-        return {"results": [_result(rows[m], s) for m, s in ranked]}
+        name = con.execute("SELECT any_value(cluster_name) FROM clusters WHERE scope = ? AND cluster = ?",
+                           [scope, cluster]).fetchone()[0]
+        return {"name": name, "results": [_result(rows[m], s) for m, s in ranked]}
+
+    @app.get("/api/map/region", summary="The images whose map points lie in a box (map coordinates)")
+    def api_map_region(x0: float, y0: float, x1: float, y1: float, scope: str = ALL_ACCOUNTS,
+                       k: int = Query(96, ge=1, le=1000)) -> dict[str, Any]:
+        con = library.cursor()
+        inside = con.execute("""
+            SELECT min(i.media_id) AS media_id, count(*) OVER () AS images FROM map m JOIN images i USING (sha256)
+            WHERE m.scope = ? AND m.x BETWEEN ? AND ? AND m.y BETWEEN ? AND ?
+            GROUP BY m.sha256 ORDER BY media_id LIMIT ?""",
+                             [scope, min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1), k]).fetchall()
+        rows = _rows(con, [m for m, _ in inside])
+        return {"images": inside[0][1] if inside else 0, "results": [_result(rows[m], 1.0) for m, _ in inside]}
 
     @app.get("/api/map", summary="The 2-D map: one point per image, coloured by cluster")
     def api_map(scope: str = ALL_ACCOUNTS) -> dict[str, Any]:
@@ -248,9 +282,13 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
             FROM map m JOIN images i USING (sha256)
             LEFT JOIN clusters c ON c.sha256 = m.sha256 AND c.scope = m.scope
             WHERE m.scope = ? GROUP BY ALL ORDER BY media_id""", [scope]).fetchall()
-        return {"points": [{"sha256": h, "x": x, "y": y, "cluster": c, "media_id": m,
-                            "thumbnail": f"/thumb/{h}"} for h, x, y, c, m in points],
-                "hint": None if points else "no map yet: run `clipgram map`"}
+        legend = con.execute("""
+            SELECT cluster, any_value(cluster_name), count(*) FROM clusters WHERE scope = ?
+            GROUP BY cluster ORDER BY count(*) DESC, cluster""", [scope]).fetchall()
+        return {"scope": scope,
+                "points": [{"sha256": h, "x": x, "y": y, "cluster": c, "media_id": m} for h, x, y, c, m in points],
+                "clusters": [{"cluster": c, "name": n, "images": i} for c, n, i in legend],
+                "hint": None if points else _not_analysed(library, "map")}
 
     @app.get("/api/duplicates", summary="Groups of exact and near duplicates")
     def api_duplicates(scope: str = ALL_ACCOUNTS) -> dict[str, Any]:
@@ -260,7 +298,7 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                    'thumbnail': '/thumb/' || sha256, 'similarity': similarity} ORDER BY similarity DESC)
             FROM duplicates WHERE scope = ? GROUP BY group_id ORDER BY group_id""", [scope]).fetchall()
         return {"groups": [{"group": g, "kind": kind, "images": members} for g, kind, members in found],
-                "hint": None if found else "no duplicate groups: run `clipgram duplicates`"}
+                "hint": None if found else _no_duplicates(library, scope)}
 
     @app.post("/api/sql", summary="One read-only SQL statement (only when started with --allow-sql)")
     def api_sql(body: SqlRequest) -> dict[str, Any]:

@@ -50,13 +50,16 @@ class Recipe:
     unnamed_per_shape: int  # per batch: renders of each shape in colours no text names
     on_unnamed_per_pair: int  # per batch: renders of each (colour, shape) on unnamed backgrounds
     renders_per_scene: int = 32
+    colour_sets: int = 0  # sets of one shape in every named colour on one unnamed background
+    colour_sets_per_batch: int = 0
 
 
 RECIPES = {
-    # 3 renders of each colour and shape on unnamed backgrounds and 4000 steps: held out, 68 of 72
-    # (1 and 3000: 66, every miss a yellow shape taken for an orange one on red, or back)
+    # 3 renders of each colour and shape on unnamed backgrounds and 4000 steps: held out, 68 of 72,
+    # every miss a yellow shape taken for an orange one on red, or back; with 3 colour sets a
+    # batch (each colour told from the others on one background, by the shape's colour alone): 69
     TINY_CLIP: Recipe(steps=4000, groups_per_batch=21, lr=2e-3, short_prompts=0.3, unnamed_per_shape=8,
-                      on_unnamed_per_pair=3),
+                      on_unnamed_per_pair=3, colour_sets=96, colour_sets_per_batch=3),
     # CoCa learns to caption from its training texts: full captions only
     TINY_COCA: Recipe(steps=1500, groups_per_batch=16, lr=2e-3, short_prompts=0.0, unnamed_per_shape=8,
                       on_unnamed_per_pair=1),
@@ -246,6 +249,33 @@ class Loose:
         return self.images[which, pick], self.tokens[which]
 
 
+@dataclass(frozen=True)
+class ColourSets:
+    """Sets of renders of one shape in every named colour on one unnamed background, each with
+    its text: within a set only the shape's colour tells the texts apart, which is what the
+    stand-in got wrong among close hues (a yellow shape taken for an orange one on red)."""
+    tokens: torch.Tensor  # [S, colours, context]
+    images: torch.Tensor  # [S, colours, 3, H, W]
+    per_batch: int  # sets in every batch
+    captioned: bool = True
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(len(self.images), (self.per_batch,))
+        return self.images[pick].flatten(0, 1), self.tokens[pick].flatten(0, 1)
+
+
+def _colour_sets(preprocess, tokenizer, recipe: Recipe, rng: random.Random) -> ColourSets:
+    images, tokens = [], []
+    for _ in range(recipe.colour_sets):
+        shape, background = rng.choice(synthetic.SHAPES), synthetic.unnamed_color(rng)
+        images.append(torch.stack([
+            preprocess(synthetic.draw(shape, synthetic.named_color(color, rng), background,
+                                      synthetic.place(_size(rng), rng), rng))
+            for color in synthetic.COLORS]))
+        tokens.append(tokenizer([pair_prompt(color, shape) for color in synthetic.COLORS]))
+    return ColourSets(torch.stack(tokens), torch.stack(images), recipe.colour_sets_per_batch)
+
+
 def _size(rng: random.Random) -> int:
     # rendered larger than the model's input at times, so that it also sees the
     # smooth edges that downscaling real-size pictures gives
@@ -253,10 +283,10 @@ def _size(rng: random.Random) -> int:
 
 
 def _training_data(preprocess, tokenizer, recipe: Recipe, rng: random.Random
-                   ) -> tuple[list[synthetic.Scene], torch.Tensor, list[Loose]]:
+                   ) -> tuple[list[synthetic.Scene], torch.Tensor, list[Loose | ColourSets]]:
     """Training scenes with `renders_per_scene` preprocessed renders of each, and the loose
     renders: each shape in unnamed colours ("a circle"), each colour and shape on unnamed
-    backgrounds ("a red circle")."""
+    backgrounds ("a red circle"), and the recipe's colour sets."""
     scenes = [s for s in synthetic.all_scenes() if not is_held_out(s)]
     images = torch.stack([
         torch.stack([preprocess(synthetic.render(scene, _size(rng), rng))
@@ -283,7 +313,8 @@ def _training_data(preprocess, tokenizer, recipe: Recipe, rng: random.Random
                     torch.stack([on_unnamed(shape, color, count // len(synthetic.COLORS))
                                  for color, shape in pairs]),
                     recipe.on_unnamed_per_pair, captioned=True)
-    return scenes, images, [shapes, colored]
+    sets = [_colour_sets(preprocess, tokenizer, recipe, rng)] if recipe.colour_sets else []
+    return scenes, images, [shapes, colored, *sets]
 
 
 def _contrastive_loss(out: dict[str, torch.Tensor], texts: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,10 @@ async function searchView(params) {
   } else if (params.get("cluster") !== null && params.get("cluster") !== "") {
     path = `/api/clusters/${encodeURIComponent(params.get("cluster"))}?scope=${encodeURIComponent(params.get("scope") || "_all_accounts")}`;
     label = `Cluster ${params.get("cluster")}`;
+  } else if (params.get("region")) {
+    const [x0, y0, x1, y1] = params.get("region").split(",");
+    path = `/api/map/region?${new URLSearchParams({ x0, y0, x1, y1, k: PAGE, scope: params.get("scope") || "_all_accounts" })}`;
+    label = "Selected on the map";
   } else if (params.get("q")) {
     const query = new URLSearchParams({ q: params.get("q"), k: PAGE, page });
     for (const name of FILTERS) if (params.get(name)) query.set(name, params.get(name));
@@ -95,6 +99,10 @@ async function searchView(params) {
     const body = await api(path);
     if (seen !== routes) return;
     fill(grid, body.results);
+    if (body.name) note.textContent = `${body.name} · ${body.results.length} images`;
+    if (body.images !== undefined) note.textContent = `${label} · ${body.images} images` +
+      (body.images > body.results.length ? ` (the first ${body.results.length})` : "") +
+      (body.images ? "" : ": the box holds none; select a region around some points");
     if (body.mode) note.textContent = [label, `${body.results.length} results (${body.mode})`].filter(Boolean).join(" · ");
     $("#prev").hidden = !page;
     $("#next").hidden = body.results.length < PAGE || body.page === undefined;
@@ -179,40 +187,112 @@ async function exploreView() {
         el("img", { src: i.thumbnail, alt: i.media_id, title: `${i.media_id} (${i.similarity.toFixed(3)})` })))))));
 }
 
-// --- map: pan, zoom, hover, click ------------------------------------------------------------
+// --- map: pan, zoom, hover, click, select; thumbnails once zoomed in -----------------------------
 
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
-const map = { points: [], scale: 1, dx: 0, dy: 0, hover: null };
+const THUMBS_AT = 300;  // on-screen points at or below which pictures replace dots
+const map = { points: [], scale: 1, dx: 0, dy: 0, hover: null, hidden: new Set(), thumbs: new Map(),
+              box: null, bounds: null, scope: "_all_accounts", frame: 0, drawn: 0 };
+
+const colour = (p) => p.cluster === null ? "#888" : PALETTE[p.cluster % PALETTE.length];
 
 function mapXY(p, canvas) {
   const pad = 20, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad;
   return [pad + (p.x * w) * map.scale + map.dx, pad + (p.y * h) * map.scale + map.dy];
 }
 
+function fromScreen(sx, sy, canvas) {  // canvas pixels → the stored map's coordinates
+  const pad = 20, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad, b = map.bounds;
+  const nx = (sx - pad - map.dx) / (w * map.scale), ny = (sy - pad - map.dy) / (h * map.scale);
+  return [b.x0 + nx * (b.x1 - b.x0), b.y0 + ny * (b.y1 - b.y0)];
+}
+
+function redraw() {  // at most once a frame, however many events ask
+  if (!map.frame) map.frame = requestAnimationFrame(() => { map.frame = 0; drawMap(); });
+}
+
+function thumbnail(p) {  // fetched when first drawn: only what is on screen, once zoomed in
+  let img = map.thumbs.get(p.sha256);
+  if (!img) {
+    img = new Image();
+    img.onload = redraw;
+    img.src = `/thumb/${p.sha256}`;
+    map.thumbs.set(p.sha256, img);
+  }
+  return img;
+}
+
 function drawMap() {
-  const canvas = $("#map");
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const canvas = $("#map"), ctx = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
+  ctx.clearRect(0, 0, w, h);
+  const shown = [];
   for (const p of map.points) {
+    if (map.hidden.has(p.cluster)) continue;
     const [x, y] = mapXY(p, canvas);
-    ctx.fillStyle = p.cluster === null ? "#888" : PALETTE[p.cluster % PALETTE.length];
-    ctx.beginPath();
-    ctx.arc(x, y, p === map.hover ? 7 : 4.5, 0, 2 * Math.PI);
-    ctx.fill();
+    if (x > -60 && y > -60 && x < w + 60 && y < h + 60) shown.push([p, x, y]);
+  }
+  map.drawn = shown.length;
+  if (shown.length <= THUMBS_AT) {
+    const size = Math.round(Math.min(112, 28 + 8 * Math.log2(map.scale + 1)) * devicePixelRatio);
+    for (const [p, x, y] of shown) {
+      const img = thumbnail(p), half = size / 2;
+      ctx.fillStyle = colour(p);
+      ctx.fillRect(x - half - 3, y - half - 3, size + 6, size + 6);
+      if (img.complete && img.naturalWidth) {
+        const side = Math.min(img.naturalWidth, img.naturalHeight);  // the centre square
+        ctx.drawImage(img, (img.naturalWidth - side) / 2, (img.naturalHeight - side) / 2, side, side,
+                      x - half, y - half, size, size);
+      }
+    }
+  } else {
+    const r = 2.5 * devicePixelRatio;
+    for (const [p, x, y] of shown) {
+      ctx.fillStyle = colour(p);
+      ctx.fillRect(x - r, y - r, 2 * r, 2 * r);
+    }
+  }
+  if (map.hover && !map.hidden.has(map.hover.cluster)) {
+    const [x, y] = mapXY(map.hover, canvas);
+    ctx.strokeStyle = "#000"; ctx.lineWidth = 2 * devicePixelRatio;
+    ctx.strokeRect(x - 8, y - 8, 16, 16);
+  }
+  if (map.box) {
+    const { x0, y0, x1, y1 } = map.box;
+    ctx.fillStyle = "#4e79a722"; ctx.strokeStyle = "#4e79a7"; ctx.lineWidth = devicePixelRatio;
+    ctx.fillRect(x0, y0, x1 - x0, y1 - y0); ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   }
 }
 
+function canvasXY(event) {
+  const canvas = $("#map"), r = canvas.getBoundingClientRect();
+  return [(event.clientX - r.left) * canvas.width / r.width, (event.clientY - r.top) * canvas.height / r.height];
+}
+
 function nearest(event) {
-  const canvas = $("#map");
-  const r = canvas.getBoundingClientRect();
-  const mx = (event.clientX - r.left) * canvas.width / r.width, my = (event.clientY - r.top) * canvas.height / r.height;
-  let best = null, bestD = 12 * 12;
+  const canvas = $("#map"), [mx, my] = canvasXY(event);
+  const reach = map.drawn <= THUMBS_AT ? 40 * devicePixelRatio : 12;
+  let best = null, bestD = reach * reach;
   for (const p of map.points) {
+    if (map.hidden.has(p.cluster)) continue;
     const [x, y] = mapXY(p, canvas);
     const d = (x - mx) ** 2 + (y - my) ** 2;
     if (d < bestD) { best = p; bestD = d; }
   }
   return best;
+}
+
+function legend(clusters) {
+  $("#map-legend").replaceChildren(...clusters.map((c) => {
+    const item = el("button", { type: "button", className: "legend", title: "show or hide this cluster" },
+      el("span", { className: "swatch", style: `background:${PALETTE[c.cluster % PALETTE.length]}` }),
+      `${c.name || "cluster " + c.cluster} (${c.images})`);
+    item.addEventListener("click", () => {
+      if (map.hidden.has(c.cluster)) map.hidden.delete(c.cluster); else map.hidden.add(c.cluster);
+      item.classList.toggle("off", map.hidden.has(c.cluster));
+      redraw();
+    });
+    return item;
+  }));
 }
 
 async function mapView() {
@@ -223,9 +303,15 @@ async function mapView() {
   try {
     const body = await api("/api/map");
     const xs = body.points.map((p) => p.x), ys = body.points.map((p) => p.y);
-    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+    for (const x of xs) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); }  // no spread: 100k arguments
+    for (const y of ys) { y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+    map.bounds = { x0, x1, y0, y1 };
+    map.scope = body.scope;
     map.points = body.points.map((p) => ({ ...p, x: (p.x - x0) / ((x1 - x0) || 1), y: (p.y - y0) / ((y1 - y0) || 1) }));
-    $("#map-note").textContent = body.hint || `${body.points.length} images. Drag to pan, wheel to zoom, click a point to open its image.`;
+    legend(body.clusters || []);
+    $("#map-note").textContent = body.hint || `${body.points.length} images. Drag to pan, wheel to zoom in ` +
+      "until pictures show, shift-drag to select a region, click a picture to open it; the legend hides a cluster.";
   } catch (error) {
     $("#map-note").textContent = error.message;
   }
@@ -235,26 +321,46 @@ async function mapView() {
 (function mapControls() {
   const canvas = $("#map"), tip = $("#map-tip");
   let drag = null;
-  canvas.addEventListener("mousedown", (e) => { drag = { x: e.clientX, y: e.clientY, moved: false }; });
-  window.addEventListener("mouseup", () => { setTimeout(() => { drag = null; }); });
+  canvas.addEventListener("mousedown", (e) => {
+    const [x, y] = canvasXY(e);
+    if (e.shiftKey) map.box = { x0: x, y0: y, x1: x, y1: y };
+    drag = { x: e.clientX, y: e.clientY, moved: false };
+  });
+  window.addEventListener("mousemove", (e) => {  // a box follows the pointer past the map's edges
+    if (!map.box) return;
+    [map.box.x1, map.box.y1] = canvasXY(e);
+    tip.hidden = true;
+    redraw();
+  });
+  window.addEventListener("mouseup", () => {
+    const box = map.box;
+    map.box = null;
+    setTimeout(() => { drag = null; });
+    if (box && Math.abs(box.x1 - box.x0) > 4 && Math.abs(box.y1 - box.y0) > 4) {
+      const [ax, ay] = fromScreen(box.x0, box.y0, canvas), [bx, by] = fromScreen(box.x1, box.y1, canvas);
+      const region = [ax, ay, bx, by].map((v) => v.toFixed(5)).join(",");
+      go(`/?region=${region}&scope=${encodeURIComponent(map.scope)}`);
+    } else if (box) redraw();
+  });
   canvas.addEventListener("mousemove", (e) => {
+    if (map.box) return;  // window's listener follows the box
     if (drag && (e.buttons & 1)) {
       const k = canvas.width / canvas.clientWidth;
       map.dx += (e.clientX - drag.x) * k; map.dy += (e.clientY - drag.y) * k;
       drag = { x: e.clientX, y: e.clientY, moved: true };
       tip.hidden = true;
-      drawMap();
+      redraw();
       return;
     }
     const p = nearest(e);
     map.hover = p;
-    tip.hidden = !p;
+    tip.hidden = !p || map.drawn <= THUMBS_AT;  // zoomed in, the picture is on the map already
     if (p) {
-      tip.src = p.thumbnail;
+      tip.src = `/thumb/${p.sha256}`;
       tip.style.left = `${e.offsetX + 14}px`;
       tip.style.top = `${e.offsetY + 14}px`;
     }
-    drawMap();
+    redraw();
   });
   canvas.addEventListener("click", (e) => {
     if (drag && drag.moved) return;
@@ -263,11 +369,10 @@ async function mapView() {
   });
   canvas.addEventListener("wheel", (e) => {
     e.preventDefault();
-    const r = canvas.getBoundingClientRect(), k = canvas.width / r.width;
-    const mx = (e.clientX - r.left) * k, my = (e.clientY - r.top) * k;
+    const [mx, my] = canvasXY(e);
     const f = e.deltaY < 0 ? 1.2 : 1 / 1.2;
     map.dx = mx - (mx - map.dx) * f; map.dy = my - (my - map.dy) * f; map.scale *= f;
-    drawMap();
+    redraw();
   }, { passive: false });
 })();
 
