@@ -115,7 +115,7 @@ def page_paint(url: str, loads: int = 5) -> dict[str, Any] | None:
 
     if CHROMIUM is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="clipgram-bench-chromium-") as profile, \
+    with tempfile.TemporaryDirectory(prefix="clipgram-bench-chromium-", ignore_cleanup_errors=True) as profile, \
             chromium(Path(profile)) as page:
         open_page(page, f"{url}/?q=warm+up")
         paint, results = [], []
@@ -161,7 +161,7 @@ def map_pan(url: str) -> dict[str, Any] | None:
 
     if CHROMIUM is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="clipgram-bench-chromium-") as profile, \
+    with tempfile.TemporaryDirectory(prefix="clipgram-bench-chromium-", ignore_cleanup_errors=True) as profile, \
             chromium(Path(profile)) as page:
         page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
         started = time.perf_counter()

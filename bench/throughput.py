@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import analyse as bench_analyse
 from bench import app as bench_app
 from bench import odd_images as bench_odd_images
 from bench import rerun as bench_rerun
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
         results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
         results["app"] = bench_app.run(images=100_000, repeats=100)  # the app over HTTP, 100k images
+        results["analyse"] = bench_analyse.run()  # the analyse stage, first and incremental, 10k and 100k
         # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:

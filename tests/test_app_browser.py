@@ -96,6 +96,13 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         _until(page, f"map.hidden.size === 1 && map.drawn < {drawn}")
         page.evaluate("document.querySelector('#map-legend .legend').click()")
         _until(page, f"map.hidden.size === 0 && map.drawn === {drawn}")
+        # the wheel zooms in about the pointer: fewer pictures on screen, each larger
+        centre = page.evaluate("""(() => { const r = document.querySelector('#map').getBoundingClientRect();
+            return [r.left + r.width / 2, r.top + r.height / 2]; })()""")
+        for _ in range(6):
+            page.send("Input.dispatchMouseEvent", type="mouseWheel", x=centre[0], y=centre[1], deltaX=0, deltaY=-120)
+        assert _until(page, "map.scale > 2 && map.drawn") < drawn
+        page.evaluate("map.scale = 1; map.dx = map.dy = 0; drawMap()")
         # shift-drag a box round every point: its images, as a result page
         corners = page.evaluate("""(() => { const r = document.querySelector('#map').getBoundingClientRect();
             return [r.left + 2, r.top + 2, r.right - 2, r.bottom - 2]; })()""")

@@ -27,18 +27,17 @@ log = logging.getLogger("clipgram")
 @dataclass(frozen=True)
 class Analysis:
     name: str
-    table: derived.Derived
     settings: Callable[[AnalysisSettings], dict]   # what its fit depends on besides the images
     fit: Callable[[Path, str, str | None, AnalysisSettings], StageResult]
     extend: Callable[[Path, str, str, derived.Vectors, list[int], fits.Fit], int]
 
 
 ANALYSES = (
-    Analysis("clusters", derived.CLUSTERS, lambda s: {"k_max": s.k_max},
+    Analysis("clusters", lambda s: {"k_max": s.k_max},
              lambda d, model, account, s: clusters.run(d, model, account, None, s.k_max), clusters.extend),
-    Analysis("map", derived.MAP, lambda s: {"map_method": s.map_method},
+    Analysis("map", lambda s: {"map_method": s.map_method},
              lambda d, model, account, s: projection.fit(d, model, account, s.map_method), projection.extend),
-    Analysis("duplicates", derived.DUPLICATES, lambda s: {"threshold": s.duplicate_threshold},
+    Analysis("duplicates", lambda s: {"threshold": s.duplicate_threshold},
              lambda d, model, account, s: duplicates.run(d, model, account, s.duplicate_threshold),
              duplicates.extend),
 )

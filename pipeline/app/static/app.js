@@ -191,7 +191,8 @@ async function exploreView() {
 
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 const THUMBS_AT = 300;  // on-screen points at or below which pictures replace dots
-const map = { points: [], scale: 1, dx: 0, dy: 0, hover: null, hidden: new Set(), thumbs: new Map(),
+const map = { points: [], xs: new Float32Array(0), ys: new Float32Array(0), cl: new Int32Array(0),
+              scale: 1, dx: 0, dy: 0, hover: null, hidden: new Set(), thumbs: new Map(),
               box: null, bounds: null, scope: "_all_accounts", frame: 0, drawn: 0 };
 
 const colour = (p) => p.cluster === null ? "#888" : PALETTE[p.cluster % PALETTE.length];
@@ -222,20 +223,33 @@ function thumbnail(p) {  // fetched when first drawn: only what is on screen, on
   return img;
 }
 
+const ABGR = (hex) => {  // a "#rrggbb" as one opaque pixel of a little-endian Uint32Array
+  const v = parseInt(hex.slice(1), 16);
+  return (0xff000000 | ((v & 0xff) << 16) | (v & 0xff00) | (v >> 16)) >>> 0;
+};
+const PIXELS = [ABGR("#888888"), ...PALETTE.map(ABGR)];  // index: cluster % palette + 1; 0 unclustered
+
 function drawMap() {
+  // every point's screen position is computed inline from typed arrays (no allocation per point):
+  // 100k points pan at screen rate; dots are written as pixels, pictures drawn once few are shown
   const canvas = $("#map"), ctx = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
-  ctx.clearRect(0, 0, w, h);
-  const shown = [];
-  for (const p of map.points) {
-    if (map.hidden.has(p.cluster)) continue;
-    const [x, y] = mapXY(p, canvas);
-    if (x > -60 && y > -60 && x < w + 60 && y < h + 60) shown.push([p, x, y]);
+  const pad = 20, sx = (w - 2 * pad) * map.scale, sy = (h - 2 * pad) * map.scale;
+  const ox = pad + map.dx, oy = pad + map.dy, { xs, ys, cl } = map, n = xs.length, margin = 60;
+  const hidden = map.hidden.size ? map.hidden : null;
+  const shown = (i) => !hidden || !hidden.has(cl[i] < 0 ? null : cl[i]);
+  let count = 0;
+  for (let i = 0; i < n; i++) {
+    const x = ox + xs[i] * sx, y = oy + ys[i] * sy;
+    if (x > -margin && y > -margin && x < w + margin && y < h + margin && shown(i)) count++;
   }
-  map.drawn = shown.length;
-  if (shown.length <= THUMBS_AT) {
-    const size = Math.round(Math.min(112, 28 + 8 * Math.log2(map.scale + 1)) * devicePixelRatio);
-    for (const [p, x, y] of shown) {
-      const img = thumbnail(p), half = size / 2;
+  map.drawn = count;
+  ctx.clearRect(0, 0, w, h);
+  if (count <= THUMBS_AT) {
+    const size = Math.round(Math.min(112, 28 + 8 * Math.log2(map.scale + 1)) * devicePixelRatio), half = size / 2;
+    for (let i = 0; i < n; i++) {
+      const x = ox + xs[i] * sx, y = oy + ys[i] * sy;
+      if (!(x > -margin && y > -margin && x < w + margin && y < h + margin && shown(i))) continue;
+      const p = map.points[i], img = thumbnail(p);
       ctx.fillStyle = colour(p);
       ctx.fillRect(x - half - 3, y - half - 3, size + 6, size + 6);
       if (img.complete && img.naturalWidth) {
@@ -244,12 +258,16 @@ function drawMap() {
                       x - half, y - half, size, size);
       }
     }
-  } else {
-    const r = 2.5 * devicePixelRatio;
-    for (const [p, x, y] of shown) {
-      ctx.fillStyle = colour(p);
-      ctx.fillRect(x - r, y - r, 2 * r, 2 * r);
+  } else if (count) {
+    const image = ctx.createImageData(w, h), pixels = new Uint32Array(image.data.buffer);
+    const r = Math.max(1, Math.round(2 * devicePixelRatio));
+    for (let i = 0; i < n; i++) {
+      const x = Math.round(ox + xs[i] * sx), y = Math.round(oy + ys[i] * sy);
+      if (x < r || y < r || x >= w - r || y >= h - r || !shown(i)) continue;
+      const c = PIXELS[cl[i] < 0 ? 0 : cl[i] % PALETTE.length + 1];
+      for (let dy = -r; dy <= r; dy++) pixels.fill(c, (y + dy) * w + x - r, (y + dy) * w + x + r + 1);
     }
+    ctx.putImageData(image, 0, 0);
   }
   if (map.hover && !map.hidden.has(map.hover.cluster)) {
     const [x, y] = mapXY(map.hover, canvas);
@@ -269,16 +287,16 @@ function canvasXY(event) {
 }
 
 function nearest(event) {
-  const canvas = $("#map"), [mx, my] = canvasXY(event);
+  const canvas = $("#map"), [mx, my] = canvasXY(event), pad = 20;
+  const sx = (canvas.width - 2 * pad) * map.scale, sy = (canvas.height - 2 * pad) * map.scale;
+  const ox = pad + map.dx, oy = pad + map.dy, { xs, ys, cl } = map;
   const reach = map.drawn <= THUMBS_AT ? 40 * devicePixelRatio : 12;
-  let best = null, bestD = reach * reach;
-  for (const p of map.points) {
-    if (map.hidden.has(p.cluster)) continue;
-    const [x, y] = mapXY(p, canvas);
-    const d = (x - mx) ** 2 + (y - my) ** 2;
-    if (d < bestD) { best = p; bestD = d; }
+  let best = -1, bestD = reach * reach;
+  for (let i = 0; i < xs.length; i++) {
+    const d = (ox + xs[i] * sx - mx) ** 2 + (oy + ys[i] * sy - my) ** 2;
+    if (d < bestD && !map.hidden.has(cl[i] < 0 ? null : cl[i])) { best = i; bestD = d; }
   }
-  return best;
+  return best < 0 ? null : map.points[best];
 }
 
 function legend(clusters) {
@@ -309,6 +327,9 @@ async function mapView() {
     map.bounds = { x0, x1, y0, y1 };
     map.scope = body.scope;
     map.points = body.points.map((p) => ({ ...p, x: (p.x - x0) / ((x1 - x0) || 1), y: (p.y - y0) / ((y1 - y0) || 1) }));
+    map.xs = Float32Array.from(map.points, (p) => p.x);
+    map.ys = Float32Array.from(map.points, (p) => p.y);
+    map.cl = Int32Array.from(map.points, (p) => p.cluster === null ? -1 : p.cluster);
     legend(body.clusters || []);
     $("#map-note").textContent = body.hint || `${body.points.length} images. Drag to pan, wheel to zoom in ` +
       "until pictures show, shift-drag to select a region, click a picture to open it; the legend hides a cluster.";
