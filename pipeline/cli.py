@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
 
-from clipgram import catalog, dag, report, search, status, storage
+from clipgram import catalog, dag, query, report, search, status, storage
 from clipgram.config import CONFIG_DIR, Config, ConfigError, defaults, load_config
 from clipgram.errors import ClipgramError
 from clipgram.result import StageResult
@@ -145,7 +145,11 @@ def _filters(args: argparse.Namespace) -> search.Filters:
 
 def cmd_search(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    terms = search.parse_query(args.query) if args.query else []
+    filters, terms = _filters(args), []
+    if args.query:
+        parsed, filters = query.read(args.query, filters, date.today(), args.literal)
+        log.info("%s", parsed.says())
+        terms = search.parse_query(parsed.text)
     terms += [search.Term("image", str(p)) for p in args.image or []]
     terms += [search.Term("like", m) for m in args.like or []]
     if not terms:
@@ -154,8 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     con = _catalog(cfg)  # read-only: a search never writes
     needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
     encoder = _encoder(cfg) if needs_model else None
-    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode,
-                               _filters(args), encoder)
+    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode, filters, encoder)
     log.info("%s search: %d hits", mode, len(hits))
     report.print_hits(hits, _format(args))
     if args.html:
@@ -359,12 +362,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_results(cfg, run_ingest(cfg, demo.ACCOUNT, recorded))
     sections = []
     con, encoder = catalog.connect(cfg.data_dir), _encoder(cfg)
-    for title, query, mode in [("Text → image (CLIP): 'a blue circle'", "a blue circle", "clip"),
+    for title, text, mode in [("Text → image (CLIP): 'a blue circle'", "a blue circle", "clip"),
                                ("Hybrid, CLIP + BM25 fused (search's default): 'a blue circle'",
                                 "a blue circle", "hybrid"),
                                ("Caption full-text (BM25): 'yellow square'", "yellow square", "captions")]:
         print(f"\n== {title}")
-        _, hits = search.search(con, cfg.data_dir, [search.Term("text", query)], 5, mode,
+        _, hits = search.search(con, cfg.data_dir, [search.Term("text", text)], 5, mode,
                                 encoder=encoder)
         report.print_hits(hits)
         sections.append((title, hits))
@@ -471,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="SET=LABEL",
                    help="best zero-shot label of SET is LABEL (see `clipgram labels`)")
     p.add_argument("--where", help="SQL predicate over the images view, e.g. \"likes > 100\"")
+    p.add_argument("--literal", action="store_true",
+                   help="search the query as typed: read no dates, @accounts, #hashtags or likes from it")
     p.add_argument("--html", type=Path, help="also write a results page with thumbnails")
     p.set_defaults(func=cmd_search)
 

@@ -255,3 +255,14 @@ def test_explore_pages_without_analyses_say_why_and_the_command_that_fills_them(
     with client(lib) as http:
         assert http.get("/api/clusters").json()["clusters"] and http.get("/api/map").json()["points"]
         assert http.get("/api/duplicates").json()["groups"]  # the demo's repost
+
+
+def test_search_reads_filters_from_the_query_unless_literal(app, lib):
+    body = app.get("/api/search", params={"q": "a red shape #square", "k": 50}).json()
+    assert body["parsed"] == {"text": "a red shape", "since": None, "until": None, "accounts": [],
+                              "hashtags": ["square"], "min_likes": None}
+    tagged = {m for m, in lib.cursor().execute(
+        "SELECT media_id FROM images WHERE list_contains(hashtags, 'square')").fetchall()}
+    assert body["results"] and {r["media_id"] for r in body["results"]} <= tagged
+    literal = app.get("/api/search", params={"q": "a red shape #square", "k": 50, "literal": "true"}).json()
+    assert literal["parsed"]["hashtags"] == [] and len(literal["results"]) > len(body["results"])

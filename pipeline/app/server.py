@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from clipgram import catalog, images, search, status
+from clipgram import catalog, images, query, search, status
 from clipgram.analysis import fits
 from clipgram.analysis.derived import ALL_ACCOUNTS, scope_label
 from clipgram.app import thumbs
@@ -174,10 +174,15 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                    mode: str = Query("auto", pattern="^(auto|hybrid|clip|captions)$"),
                    account: list[str] = Query([]), since: date | None = None, until: date | None = None,
                    hashtag: list[str] = Query([]), min_likes: int | None = Query(None, ge=0),
-                   label: list[str] = Query([], description="SET=LABEL")) -> dict[str, Any]:
+                   label: list[str] = Query([], description="SET=LABEL"),
+                   literal: bool = Query(False, description="search the text as typed: read no dates, "
+                                                            "@accounts, #hashtags or likes from it")
+                   ) -> dict[str, Any]:
+        parsed, filters = query.read(q, _filters(account, since, until, hashtag, min_likes, label),
+                                     date.today(), literal)
         # files=False: a term that looks like a file name is text here, never a path to read
-        terms = search.parse_query(q, files=False)
-        return run_search(terms, k, page, mode, _filters(account, since, until, hashtag, min_likes, label))
+        terms = search.parse_query(parsed.text, files=False)
+        return {**run_search(terms, k, page, mode, filters), "parsed": parsed.as_dict()}
 
     @app.get("/api/similar/{media_id}", summary="Images most like a stored one")
     def api_similar(media_id: str, k: int = Query(24, ge=1, le=MAX_K), page: int = Query(0, ge=0, le=50),

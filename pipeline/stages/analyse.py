@@ -116,8 +116,9 @@ def analyse(cfg: Config, account: str | None, refit: bool = False) -> StageResul
         if len(found.shas) >= MIN_IMAGES:
             said, count = _scope(data_dir, model, scope, found, settings, refit)
             notes, touched = notes + said, max(touched, count)
-    if _has_derived(data_dir) - before:
-        publish.republish(data_dir, scope_name)  # a derived table's view exists once it has a file
+    if _has_derived(data_dir) - before:  # a derived table's view exists once it has a file
+        publish.republish(data_dir, scope_name, quiet=True)
+        notes.append("catalog published with their views")
     return StageResult("analyse", scope_name, done=touched,
                        note="; ".join(notes) or "up to date").log()
 

@@ -65,15 +65,18 @@ def _published(data_dir: Path) -> dict[str, Any]:
 
 
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
-            captioner_id: str | None, account: str = "*", force: bool = False) -> StageResult:
+            captioner_id: str | None, account: str = "*", force: bool = False,
+            quiet: bool = False) -> StageResult:
     """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
 
-    Skipped when no table part and no model changed since the last publish.
+    Skipped when no table part and no model changed since the last publish. `quiet`: no log
+    line (a stage that publishes on the way says so itself).
     """
     final = data_dir / catalog.CATALOG
     fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout())
     if not force and _published(data_dir).get("fingerprint") == fingerprint:
-        return StageResult("publish", account, note="catalog up to date").log()
+        result = StageResult("publish", account, note="catalog up to date")
+        return result if quiet else result.log()
     tmp = data_dir / f".{catalog.CATALOG}.tmp"
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
@@ -109,7 +112,8 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
     _drop_stale_indexes(data_dir, index)
     _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id})
-    return StageResult("publish", account, done=documents, note="searchable images").log()
+    result = StageResult("publish", account, done=documents, note="searchable images")
+    return result if quiet else result.log()
 
 
 def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
@@ -127,7 +131,7 @@ def upgrade(data_dir: Path) -> None:
         republish(data_dir, force=True)  # its fingerprint may not say so: it was computed otherwise
 
 
-def republish(data_dir: Path, account: str = "*", force: bool = False) -> StageResult:
+def republish(data_dir: Path, account: str = "*", force: bool = False, quiet: bool = False) -> StageResult:
     """Publish again with the models last published (after a derived table changed, or on a
     machine whose mirror of an object-store data dir has no catalog yet)."""
     if (data_dir / catalog.MODELS_FILE).exists():
@@ -137,4 +141,4 @@ def republish(data_dir: Path, account: str = "*", force: bool = False) -> StageR
             models = catalog.meta(con)
     dim = models.get("clip_dim")
     return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
-                   models.get("captioner"), account, force)
+                   models.get("captioner"), account, force, quiet)
