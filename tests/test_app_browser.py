@@ -148,3 +148,24 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
                             "document.querySelector('#search-note').textContent")
         assert note == f"{name} · {size} images" and len(_until(page, CARDS)) == min(size, 24)
         assert page.problems() == []
+
+
+def test_filters_read_from_the_query_show_as_chips_that_remove_them(app_library, ingested_sample, tmp_path):
+    lib = library.Library(app_library, ingested_sample.models)
+    with server.running(lib) as url, chromium(tmp_path / "profile") as page:
+        tagged = {m for m, in lib.cursor().execute(
+            "SELECT media_id FROM images WHERE list_contains(hashtags, 'square')").fetchall()}
+        open_page(page, url + "/")
+        _type(page, "a red shape #square with over 100 likes")
+        chips = _until(page, "[...document.querySelectorAll('#parsed .chip')].map(c => c.textContent)")
+        assert chips == ["#square ×", "♥ ≥ 101 ×"]
+        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        assert {_media(c["media"]) for c in cards} <= tagged
+        page.evaluate("document.querySelector('#parsed .chip').click()")  # without #square
+        _until(page, "location.search.includes('literal=1')")
+        params = dict(urllib.parse.parse_qsl(page.evaluate("location.search")[1:]))
+        assert params["q"] == "a red shape" and params["min_likes"] == "101" and "hashtag" not in params
+        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        assert {_media(c["media"]) for c in cards} - tagged  # other shapes now
+        assert page.evaluate("document.querySelectorAll('#parsed .chip').length") == 0
+        assert page.problems() == []

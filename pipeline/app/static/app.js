@@ -89,8 +89,10 @@ async function searchView(params) {
   } else if (params.get("q")) {
     const query = new URLSearchParams({ q: params.get("q"), k: PAGE, page });
     for (const name of FILTERS) if (params.get(name)) query.set(name, params.get(name));
+    if (params.get("literal")) query.set("literal", "true");
     path = `/api/search?${query}`;
   }
+  $("#parsed").replaceChildren();
   if (!path) { grid.replaceChildren(); note.textContent = "Type what you are looking for, or drop an image."; return; }
   note.className = "note";
   note.textContent = label || "Searching…";  // a fresh app loads CLIP at its first query
@@ -99,6 +101,7 @@ async function searchView(params) {
     const body = await api(path);
     if (seen !== routes) return;
     fill(grid, body.results);
+    chips(params, body.parsed);
     if (body.name) note.textContent = `${body.name} · ${body.results.length} images`;
     if (body.images !== undefined) note.textContent = `${label} · ${body.images} images` +
       (body.images > body.results.length ? ` (the first ${body.results.length})` : "") +
@@ -112,6 +115,37 @@ async function searchView(params) {
     note.className = "note error";
     note.textContent = error.message;
   }
+}
+
+// The filters the search read from the query, each a chip whose × searches without it: the
+// query's other words as typed (literal), the other read filters as typed ones.
+function chips(params, parsed) {
+  if (!parsed) return;
+  const read = [];  // [label, the URL parameters that keep this filter]
+  if ((parsed.since || parsed.until) && !params.get("since") && !params.get("until")) {
+    read.push([[parsed.since, parsed.until].map((d) => d || "…").join(" – "),
+               { since: parsed.since, until: parsed.until }]);
+  }
+  if (parsed.accounts.length && !params.get("account")) read.push([`@${parsed.accounts[0]}`, { account: parsed.accounts[0] }]);
+  if (parsed.hashtags.length && !params.get("hashtag")) read.push([`#${parsed.hashtags[0]}`, { hashtag: parsed.hashtags[0] }]);
+  if (parsed.min_likes !== null && !params.get("min_likes")) {
+    read.push([`♥ ≥ ${parsed.min_likes}`, { min_likes: String(parsed.min_likes) }]);
+  }
+  $("#parsed").replaceChildren(...read.map(([label], i) => {
+    const chip = el("button", { type: "button", className: "chip", title: "search without this filter" },
+                    `${label} ×`);
+    chip.addEventListener("click", () => {
+      const next = new URLSearchParams(params);
+      next.set("q", parsed.text);
+      next.set("literal", "1");
+      next.delete("page");
+      read.forEach(([, keep], j) => {
+        if (j !== i) for (const [name, value] of Object.entries(keep)) if (value) next.set(name, value);
+      });
+      go(`/?${next}`);
+    });
+    return chip;
+  }));
 }
 
 $("#search-form").addEventListener("submit", (event) => {
