@@ -20,7 +20,7 @@ import random
 import statistics
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,20 @@ def map_pan(url: str) -> dict[str, Any] | None:
                                              for k, v in figures.items()}}
 
 
+def query_read_ms(repeats: int = 200) -> float:
+    """Median ms to read filters from a query (clipgram.query), over queries with and without them."""
+    from clipgram import query, search
+
+    texts = [*QUERIES, "a red circle in July 2023 by @nasa", "a blue square #minimal with over 500 likes",
+             "summer dress", "a green triangle between May and August 2023"]
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        query.read(texts[i % len(texts)], search.Filters(), date(2026, 12, 7))
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 3)
+
+
 def vit_b32_text_ms(repeats: int = 20) -> float:
     import open_clip
     import torch
@@ -224,7 +238,7 @@ def run(images: int, repeats: int) -> dict[str, Any]:
             figures["page"] = page_paint(url)
             figures["map"] = map_pan(url)
     return {"images": images, "library_build_s": round(build_s, 1), "model": encoder.id, **figures,
-            "vit_b32_text_encode_ms": vit_b32_text_ms(),
+            "vit_b32_text_encode_ms": vit_b32_text_ms(), "query_read_ms": query_read_ms(),
             "goals": {"text_p50_ms": 50, "text_p95_ms": 150, "thumbnail_ms": 5, "first_paint_ms": 1000,
                       "map_fps": 30}}
 
