@@ -133,3 +133,17 @@ def test_a_renamed_cluster_keeps_its_name_as_images_come_and_on_refit(ingested_s
     assert named()["my favourites"] == size
     assert "fitted" in analyse.analyse(cfg, None, refit=True).note
     assert named().get("my favourites", 0) >= size - 1  # the same images, give or take one, under its name
+
+
+def test_names_read_the_labels_of_sets_the_library_speaks_of_only(ingested_sample):
+    from clipgram.analysis import clusters
+
+    data = ingested_sample.data_dir
+    with catalog.connect(data) as con:
+        model = catalog.meta(con)["clip_model"]
+        best = dict(con.execute("SELECT sha256, label FROM labels WHERE label_set = 'colour' AND rank = 1").fetchall())
+    shas = sorted(best)
+    docs = clusters.documents(data, shas, model)
+    # the demo's captions name colours and shapes, never a posture: "posture" is not read
+    assert not any({"standing", "lying"} & set(doc.split()) for doc in docs)
+    assert all(best[sha] in doc.split()[-2:] for sha, doc in zip(shas, docs))  # its shape and colour labels

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgram import catalog
-from clipgram.analysis import derived, fits
+from clipgram.analysis import derived, fits, labels
 from clipgram.result import StageResult
 
 SILHOUETTE_SAMPLE = 2000    # silhouette is O(n²): score a fixed sample beyond this
@@ -109,16 +109,23 @@ def name_clusters(docs: list[str], assign: np.ndarray, words: int = 3) -> dict[i
     return names
 
 
-def documents(data_dir: Path, shas: list[str]) -> list[str]:
-    """Per image: generated caption, post captions and hashtags of every post that shows it.
-
-    Not its zero-shot labels: a set that does not fit the library (the shipped "posture" on
-    pictures of shapes) puts its words in the names all the same ("blue circle lying")."""
+def documents(data_dir: Path, shas: list[str], model: str) -> list[str]:
+    """Per image: generated caption, post captions and hashtags of every post that shows it, and
+    its best label of each zero-shot label set the library speaks of: one whose labels are, for
+    half of them or more, words of its captions. Another set would name clusters all the same
+    (the shipped "posture" on pictures of shapes: "blue circle lying")."""
     with catalog.connect(data_dir) as con:
         text = dict(con.execute("""
             SELECT sha256, string_agg(generated_caption || ' ' || post_caption || ' ' || hashtags, ' ')
             FROM documents GROUP BY sha256""").fetchall())
-    return [text.get(sha, "") for sha in shas]
+    vocabulary = {word for doc in text.values() for word in _WORD.findall(doc.lower())}
+    best: dict[str, list[str]] = {}
+    for name, label_set in labels.load_sets(data_dir).items():
+        if 2 * sum(label.lower() in vocabulary for label in label_set.labels) < len(label_set.labels):
+            continue
+        for row in derived.read(data_dir, derived.LABELS, name, model, ["sha256", "label"], [("rank", "=", 1)]):
+            best.setdefault(row["sha256"], []).append(row["label"])
+    return [" ".join([text.get(sha, ""), *best.get(sha, [])]) for sha in shas]
 
 
 def _rows(shas: list[str], assign: np.ndarray, similarity: np.ndarray, names: dict[int, str],
@@ -143,7 +150,7 @@ def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: i
     k = min(k, len(shas))
     assign, centres = kmeans(x, k)
     quality = silhouette(x, assign) if k > 1 else 0.0
-    names = name_clusters(documents(data_dir, shas), assign)
+    names = name_clusters(documents(data_dir, shas, model), assign)
     renamed = _carry_renames(fits.load(data_dir, "clusters", scope, model), centres)
     names.update(renamed)
     similarity = np.sum(x * centres[assign], axis=1)

@@ -129,12 +129,15 @@ def delta(data_dir: Path, table: Derived, scope: str, model: str, found: "Vector
     return Delta(missing.tolist(), len(covered) > len(found.shas) - len(missing))
 
 
-def read(data_dir: Path, table: Derived, scope: str, model: str, columns: list[str]) -> list[dict[str, Any]]:
-    """The rows of the result of (`scope`, `model`), increments included; [] when there is none."""
+def read(data_dir: Path, table: Derived, scope: str, model: str, columns: list[str],
+         filters: list[tuple] | None = None) -> list[dict[str, Any]]:
+    """The rows of the result of (`scope`, `model`), increments included, those matching
+    `filters` (pyarrow's) when given; [] when there is none."""
     final = table.file(data_dir, scope, model)
     if not final.exists():
         return []
-    return [row for f in [final, *_increments(final)] for row in pq.read_table(f, columns=columns).to_pylist()]
+    return [row for f in [final, *_increments(final)]
+            for row in pq.read_table(f, columns=columns, filters=filters).to_pylist()]
 
 
 def view_sql(table: Derived, data_dir: Path, root: str, model: str | None) -> str:
