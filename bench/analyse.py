@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from bench import save_section
-from bench.app import ACCOUNT, build_library
+from bench.app import ACCOUNT, build_library, library_settings
 from clipgram import tables
-from clipgram.config import load_config
 
 SIZES = (10_000, 100_000)
 NEW = 10
@@ -49,23 +48,19 @@ def _add_images(data_dir: Path, model_id: str, dim: int, first: int, count: int)
 
 
 def run_size(images: int) -> dict[str, Any]:
-    from clipgram.models import clip
     from clipgram.stages.analyse import analyse
     from clipgram.stages.publish import publish
 
     with tempfile.TemporaryDirectory(prefix="clipgram-bench-analyse-") as work:
         data_dir = Path(work) / "data"
-        cfg = load_config(overrides={"data": {"dir": str(data_dir)},
-                                     "models": {"clip": "tiny", "device": "cpu"}}, environ={})
-        encoder = clip.from_config(cfg.models)
-        dim = int(encoder.encode_text(["x"]).shape[1])
-        build_library(data_dir, images, encoder.id, dim)
-        publish(data_dir, encoder.id, dim, None)
+        cfg, model_id, dim = library_settings(data_dir)
+        build_library(data_dir, images, model_id, dim)
+        publish(data_dir, model_id, dim, None)
         started = time.perf_counter()
         first = analyse(cfg, ACCOUNT)
         first_s = time.perf_counter() - started
-        _add_images(data_dir, encoder.id, dim, images, NEW)
-        publish(data_dir, encoder.id, dim, None)
+        _add_images(data_dir, model_id, dim, images, NEW)
+        publish(data_dir, model_id, dim, None)
         started = time.perf_counter()
         again = analyse(cfg, ACCOUNT)
         incremental_s = time.perf_counter() - started

@@ -30,11 +30,21 @@ import numpy as np
 from bench import save_section
 from bench.search import random_unit_vectors
 from clipgram import synthetic, tables
-from clipgram.config import load_config
+from clipgram.config import Config, load_config
 
 ACCOUNT = "bench-app"
 QUERIES = ["a red circle", "a blue square", "a green triangle", "a yellow shape", "a black circle",
            "a white square", "an orange triangle", "a purple circle"]
+
+
+def library_settings(data_dir: Path) -> tuple[Config, str, int]:
+    """A bench library's settings (the offline CLIP, on the CPU), its model id and dimension."""
+    from clipgram.models import clip
+
+    cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "models": {"clip": "tiny", "device": "cpu"}},
+                      environ={})
+    encoder = clip.from_config(cfg.models)
+    return cfg, encoder.id, int(encoder.encode_text(["x"]).shape[1])
 
 
 def build_library(data_dir: Path, images: int, model_id: str, dim: int) -> None:
@@ -206,19 +216,15 @@ def vit_b32_text_ms(repeats: int = 20) -> float:
 
 def run(images: int, repeats: int) -> dict[str, Any]:
     from clipgram.app import library, server
-    from clipgram.models import clip
     from clipgram.stages.analyse import analyse
     from clipgram.stages.publish import publish
 
     with tempfile.TemporaryDirectory(prefix="clipgram-bench-app-") as work:
         data_dir = Path(work) / "data"
-        cfg = load_config(overrides={"data": {"dir": str(data_dir)},
-                                     "models": {"clip": "tiny", "device": "cpu"}}, environ={})
-        encoder = clip.from_config(cfg.models)
-        dim = int(encoder.encode_text(["x"]).shape[1])
+        cfg, model_id, dim = library_settings(data_dir)
         started = time.perf_counter()
-        build_library(data_dir, images, encoder.id, dim)
-        publish(data_dir, encoder.id, dim, None)
+        build_library(data_dir, images, model_id, dim)
+        publish(data_dir, model_id, dim, None)
         analyse(cfg, ACCOUNT)
         build_s = time.perf_counter() - started
         lib = library.Library(data_dir, cfg.models)
@@ -237,7 +243,7 @@ def run(images: int, repeats: int) -> dict[str, Any]:
             figures["load"] = load_test(client, sha, requests=1000, clients=8)
             figures["page"] = page_paint(url)
             figures["map"] = map_pan(url)
-    return {"images": images, "library_build_s": round(build_s, 1), "model": encoder.id, **figures,
+    return {"images": images, "library_build_s": round(build_s, 1), "model": model_id, **figures,
             "vit_b32_text_encode_ms": vit_b32_text_ms(), "query_read_ms": query_read_ms(),
             "goals": {"text_p50_ms": 50, "text_p95_ms": 150, "thumbnail_ms": 5, "first_paint_ms": 1000,
                       "map_fps": 30}}
