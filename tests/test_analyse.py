@@ -147,3 +147,15 @@ def test_names_read_the_labels_of_sets_the_library_speaks_of_only(ingested_sampl
     # the demo's captions name colours and shapes, never a posture: "posture" is not read
     assert not any({"standing", "lying"} & set(doc.split()) for doc in docs)
     assert all(best[sha] in doc.split()[-2:] for sha, doc in zip(shas, docs))  # its shape and colour labels
+
+
+def test_a_deleted_result_is_computed_again(ingested_sample, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ingested_sample.data_dir, data)
+    cfg = ingested_sample.replace("data", dir=str(data))
+    with catalog.connect(data) as con:
+        model = catalog.meta(con)["clip_model"]
+    derived.LABELS.file(data, "shape", model).unlink()
+    result = analyse.analyse(cfg, None)
+    assert "labels fitted (shape)" in result.note
+    assert derived.LABELS.file(data, "shape", model).exists()

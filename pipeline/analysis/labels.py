@@ -160,12 +160,13 @@ def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[St
 
 
 def stale(data_dir: Path, model: str) -> list[str]:
-    """The configured sets whose stored fit is missing or of another definition: scoring them
-    needs the CLIP model (their prompts are encoded)."""
+    """The configured sets whose result or stored fit is missing, or whose fit is of another
+    definition: scoring them needs the CLIP model (their prompts are encoded)."""
     sets = load_sets(data_dir)
     return [name for name, label_set in sorted(sets.items())
             if (fit := fits.load(data_dir, "labels", name, model)) is None
-            or fit.meta["definition"] != definition(label_set)]
+            or fit.meta["definition"] != definition(label_set)
+            or not derived.LABELS.file(data_dir, name, model).exists()]
 
 
 def extend(data_dir: Path, model: str, found: derived.Vectors) -> int:
