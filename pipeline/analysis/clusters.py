@@ -134,9 +134,10 @@ def _rows(shas: list[str], assign: np.ndarray, similarity: np.ndarray, names: di
              "silhouette": quality} for sha, c, s in zip(shas, assign.tolist(), similarity.tolist())]
 
 
-def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: int = 12) -> StageResult:
+def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: int = 12,
+        config: dict | None = None) -> StageResult:
     """Cluster the account's (or every account's) images anew; k=None chooses k by silhouette.
-    The centres and names are kept (fits) for `extend`."""
+    The centres and names are kept (fits) for `extend`, with the analyse stage's `config`."""
     found = derived.vectors(data_dir, model, account)
     shas, x = found.shas, found.of()
     scope = account or derived.ALL_ACCOUNTS
@@ -157,7 +158,7 @@ def run(data_dir: Path, model: str, account: str | None, k: int | None, k_max: i
     derived.replace(data_dir, derived.CLUSTERS, scope, model, _rows(shas, assign, similarity, names, quality))
     fits.save(data_dir, "clusters", scope, model, fits.Fit(
         {"images": len(shas), "k": k, "silhouette": quality, "names": [names[c] for c in range(k)],
-         "renamed": {str(c): name for c, name in renamed.items()}},
+         "renamed": {str(c): name for c, name in renamed.items()}, **fits.config_meta(config)},
         {"centres": centres.astype(np.float32)}))
     return StageResult("clusters", derived.scope_label(scope), done=len(shas),
                        note=f"k={k}, silhouette {quality:.3f}" + (f"; {note}" if note else ""))

@@ -86,18 +86,19 @@ def _write(data_dir: Path, model: str, scope: str, found: derived.Vectors, x: np
                  for i in group for m, a in by_sha.get(found.shas[i], [])]
     derived.replace(data_dir, derived.DUPLICATES, scope, model, rows)
     # the config the analyse stage fitted it with, kept by extend (see stages/analyse.py)
-    meta = {"images": len(found.shas), "threshold": threshold, **({"config": config} if config else {})}
+    meta = {"images": len(found.shas), "threshold": threshold, **fits.config_meta(config)}
     fits.save(data_dir, "duplicates", scope, model, fits.Fit(meta, {}))
     return StageResult("duplicates", derived.scope_label(scope), done=group_id,
                        note=f"groups (cosine ≥ {threshold} or same file)")
 
 
-def run(data_dir: Path, model: str, account: str | None, threshold: float) -> StageResult:
+def run(data_dir: Path, model: str, account: str | None, threshold: float,
+        config: dict | None = None) -> StageResult:
     """Write the `duplicates` table for `account` (or across every account)."""
     found = derived.vectors(data_dir, model, account)
     x = found.of()
     return _write(data_dir, model, account or derived.ALL_ACCOUNTS, found, x,
-                  near_groups(x, threshold) if found.shas else [], threshold)
+                  near_groups(x, threshold) if found.shas else [], threshold, config)
 
 
 def extend(data_dir: Path, model: str, scope: str, found: derived.Vectors, new: list[int],

@@ -61,8 +61,7 @@ def load(data_dir: Path, analysis: str, scope: str, model: str) -> Fit | None:
         return None
 
 
-def annotate(data_dir: Path, analysis: str, scope: str, model: str, **meta: Any) -> None:
-    """Add `meta` to a stored fit."""
-    fit = load(data_dir, analysis, scope, model)
-    if fit is not None:
-        save(data_dir, analysis, scope, model, Fit({**fit.meta, **meta}, fit.arrays))
+def config_meta(config: dict | None) -> dict[str, Any]:
+    """The settings the analyse stage fitted with, for its next run to compare; none for a fit
+    a command made with settings asked for (stages/analyse.py keeps those)."""
+    return {"config": config} if config else {}

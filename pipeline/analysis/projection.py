@@ -134,7 +134,8 @@ def _rows(shas: list[str], xy: np.ndarray, method: str) -> list[dict]:
     return [{"sha256": sha, "x": float(a), "y": float(b), "method": method} for sha, (a, b) in zip(shas, xy)]
 
 
-def fit(data_dir: Path, model: str, account: str | None, method: str = "auto") -> StageResult:
+def fit(data_dir: Path, model: str, account: str | None, method: str = "auto",
+        config: dict | None = None) -> StageResult:
     """Project the images anew and store the `map` table, and the projection when new points
     can be placed on it (PCA) for `extend`."""
     found = derived.vectors(data_dir, model, account)
@@ -144,7 +145,7 @@ def fit(data_dir: Path, model: str, account: str | None, method: str = "auto") -
     xy, method, projection = project(found.of(), method)
     derived.replace(data_dir, derived.MAP, scope, model, _rows(found.shas, xy, method))
     fits.save(data_dir, "map", scope, model, fits.Fit(
-        {"images": len(found.shas), "method": method}, {k: v.astype(np.float32) for k, v in projection.items()}))
+        {"images": len(found.shas), "method": method, **fits.config_meta(config)}, {k: v.astype(np.float32) for k, v in projection.items()}))
     return StageResult("map", derived.scope_label(scope), done=len(found.shas), note=method)
 
 

@@ -28,17 +28,18 @@ log = logging.getLogger("clipgram")
 class Analysis:
     name: str
     settings: Callable[[AnalysisSettings], dict]   # what its fit depends on besides the images
-    fit: Callable[[Path, str, str | None, AnalysisSettings], StageResult]
+    fit: Callable[[Path, str, str | None, AnalysisSettings, dict], StageResult]
     extend: Callable[[Path, str, str, derived.Vectors, list[int], fits.Fit], int]
 
 
 ANALYSES = (
     Analysis("clusters", lambda s: {"k_max": s.k_max},
-             lambda d, model, account, s: clusters.run(d, model, account, None, s.k_max), clusters.extend),
+             lambda d, model, account, s, c: clusters.run(d, model, account, None, s.k_max, c), clusters.extend),
     Analysis("map", lambda s: {"map_method": s.map_method},
-             lambda d, model, account, s: projection.fit(d, model, account, s.map_method), projection.extend),
+             lambda d, model, account, s, c: projection.fit(d, model, account, s.map_method, c),
+             projection.extend),
     Analysis("duplicates", lambda s: {"threshold": s.duplicate_threshold},
-             lambda d, model, account, s: duplicates.run(d, model, account, s.duplicate_threshold),
+             lambda d, model, account, s, c: duplicates.run(d, model, account, s.duplicate_threshold, c),
              duplicates.extend),
 )
 MIN_IMAGES = 3  # clustering needs 3
@@ -79,8 +80,7 @@ def _scope(data_dir: Path, model: str, account: str | None, found: derived.Vecto
             why = "cannot place new images on its fit"
         if why is None:
             continue
-        result = analysis.fit(data_dir, model, account, settings)
-        fits.annotate(data_dir, analysis.name, scope, model, config=wanted)  # for the next run to compare
+        result = analysis.fit(data_dir, model, account, settings, wanted)
         said.append(f"{analysis.name} fitted ({why}: {result.note.split(';')[0]})")
         touched = len(found.shas)
     return ([f"{derived.scope_label(scope)}: {', '.join(said)}"] if said else []), touched
