@@ -36,7 +36,10 @@ from clipgram import catalog, images
 from clipgram.errors import ClipgramError
 
 if TYPE_CHECKING:  # the encoder comes from the caller: searching loads no model itself
-    from clipgram.models import clip
+    from clipgram.models import clip, query_encoder
+
+    # a text-only query needs only the text tower (query_encoder); images need the whole model
+    Encoder = clip.ClipEncoder | query_encoder.QueryEncoder
 
 RRF_K = 60
 RRF_POOL = 100
@@ -338,7 +341,7 @@ def _hits(con: duckdb.DuckDBPyConnection, data_dir: Path, ranked: list[tuple[str
             for rank, (m, score) in enumerate(ranked, start=1)]
 
 
-def _check_model(con: duckdb.DuckDBPyConnection, encoder: clip.ClipEncoder) -> None:
+def _check_model(con: duckdb.DuckDBPyConnection, encoder: Encoder) -> None:
     stored = catalog.meta(con).get("clip_model")
     if stored != encoder.id:
         raise SearchError(
@@ -347,7 +350,7 @@ def _check_model(con: duckdb.DuckDBPyConnection, encoder: clip.ClipEncoder) -> N
 
 
 def query_vector(con: duckdb.DuckDBPyConnection, index: VectorIndex, terms: list[Term],
-                 encoder: clip.ClipEncoder | None) -> np.ndarray:
+                 encoder: Encoder | None) -> np.ndarray:
     """Σ weight · unit vector of each term, normalised."""
     if any(term.kind != "like" for term in terms):
         if encoder is None:
@@ -425,7 +428,7 @@ MODES = ("auto", "clip", "captions", "hybrid")
 
 def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k: int = 10,
            mode: str = "auto", filters: Filters | None = None,
-           encoder: clip.ClipEncoder | None = None, text: TextIndex | None = None
+           encoder: Encoder | None = None, text: TextIndex | None = None
            ) -> tuple[str, list[Hit]]:
     """Run a search; returns the mode it ran in (auto resolved) and the hits, best first.
 

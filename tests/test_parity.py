@@ -11,7 +11,7 @@ from torchvision import transforms as T
 
 from bench.throughput import _render_jpeg
 from clipgram import images, loader, tables
-from clipgram.models import clip, pick_device
+from clipgram.models import clip, model_cache_dir, pick_device
 from clipgram.stages.embed import embed
 
 # A libjpeg-scaled decode against a full one: the shipped stand-in CLIP (which sees edges more
@@ -21,7 +21,7 @@ DRAFT_FLOOR = 0.997
 
 def _tiny_encoder(cfg, precision):
     return clip.ClipEncoder(clip.resolve.resolve("tiny", default="", tiny_arch=clip.tiny.TINY_CLIP,
-                                                 cache_dir=clip.model_cache_dir(cfg.models.cache_dir)),
+                                                 cache_dir=model_cache_dir(cfg.models.cache_dir)),
                             pick_device("cpu"), precision=precision)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from clipgram import catalog, search
 from clipgram.cli import main
-from clipgram.models import clip
+from clipgram.models import clip, model_cache_dir, query_encoder
 
 
 @pytest.fixture(scope="module")
@@ -209,16 +209,19 @@ def test_clear_errors(env, capsys):
     assert code == 2 and "cancel out" in err
 
 
-@pytest.mark.parametrize("argv, loads_model", [
-    (["sql", "SELECT count(*) FROM images"], False),
-    (["status"], False),
-    (["search", "triangle", "--captions"], False),
-    (["sql", "SELECT media_id FROM search_text('a green circle', 3)"], True),
+@pytest.mark.parametrize("argv, model, loads_model", [
+    (["sql", "SELECT count(*) FROM images"], "tiny", False),
+    (["status"], "tiny", False),
+    (["search", "triangle", "--captions"], "tiny", False),
+    (["sql", "SELECT media_id FROM search_text('a green circle', 3)"], "tiny", True),
+    # no model named: the catalog's own, from its saved text tower (query_encoder)
+    (["search", "a green circle", "--mode", "clip"], "auto", False),
+    (["search", "a green circle", "--mode", "clip"], "tiny", True),
 ])
-def test_a_command_loads_a_model_only_when_it_needs_one(env, argv, loads_model):
+def test_a_command_loads_a_model_only_when_it_needs_one(env, argv, model, loads_model):
     cfg, _, _ = env
     probe = ("import sys\nfrom clipgram.cli import main\n"
-             f"assert main({argv!r} + ['--data-dir', {str(cfg.data_dir)!r}, '--clip-model', 'tiny',"
+             f"assert main({argv!r} + ['--data-dir', {str(cfg.data_dir)!r}, '--clip-model', {model!r},"
              f" '--device', 'cpu']) == 0\n"
              "print('LOADED' if 'open_clip' in sys.modules else 'NONE')")
     env_vars = {**os.environ, "CLIPGRAM_MODELS_CACHE_DIR": str(cfg.models.cache_dir)}
@@ -226,6 +229,32 @@ def test_a_command_loads_a_model_only_when_it_needs_one(env, argv, loads_model):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == ("LOADED" if loads_model else "NONE")
 
+
+def test_the_saved_text_tower_encodes_as_the_model_does(env, capsys):
+    cfg, con, encoder = env
+    saved = query_encoder.load(model_cache_dir(cfg.models.cache_dir), encoder.id)
+    assert saved is not None and (saved.id, saved.dim) == (encoder.id, encoder.dim)
+    captions = [c for c, in con.execute("SELECT post_caption FROM images WHERE post_caption IS NOT NULL").fetchall()]
+    texts = [*captions, "A Photo of a RED square!", "", "#sunset 🙂", " ".join(["long"] * 200)]
+    assert np.allclose(saved.encode_text(texts), encoder.encode_text(texts), atol=1e-5)
+    ranked = {model: [(h["media_id"], round(h["score"], 5)) for h in
+                      _cli(cfg, capsys, "search", "a blue circle", "--mode", "clip", "--clip-model", model)[1]]
+              for model in ("auto", "tiny")}
+    assert ranked["auto"] == ranked["tiny"] and ranked["auto"]
+
+
+def test_a_torn_or_foreign_text_tower_is_not_used_and_is_saved_again(env, tmp_path):
+    cfg, _, encoder = env
+    source = query_encoder.path(model_cache_dir(cfg.models.cache_dir), encoder.id)
+    torn, foreign = query_encoder.path(tmp_path, encoder.id), query_encoder.path(tmp_path, "another")
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    shutil.copy(source, foreign)  # a tower saved for another model id
+    for path, model_id in ((torn, encoder.id), (foreign, "another")):
+        assert query_encoder.load(tmp_path, model_id) is None  # the caller loads the whole model
+        assert not path.exists()  # ... and the next whole-model load saves it afresh
+    assert query_encoder.save(encoder, tmp_path) == torn
+    assert query_encoder.load(tmp_path, encoder.id) is not None
 
 
 @pytest.mark.parametrize("values", [["B1_0", "it's", "x'); DROP TABLE t; --", ""], [3, 1, 2]])

@@ -11,11 +11,16 @@ import contextlib
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 log = logging.getLogger("clipgram.models")
+
+
+def model_cache_dir(configured: str) -> Path:
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "clipgram" / "models"
 
 
 def pick_device(preference: str = "auto") -> torch.device:

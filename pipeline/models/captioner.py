@@ -12,8 +12,7 @@ import open_clip
 import torch
 
 from clipgram.config import CaptionSettings, ModelSettings
-from clipgram.models import autocast, cached_coca, load, pick_device, resolve, tiny
-from clipgram.models.clip import model_cache_dir
+from clipgram.models import autocast, cached_coca, load, model_cache_dir, pick_device, resolve, tiny
 
 log = logging.getLogger("clipgram.models")
 

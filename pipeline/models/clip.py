@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -11,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from clipgram.config import ModelSettings
-from clipgram.models import autocast, load, pick_device, resolve, tiny
+from clipgram.models import (
+    autocast,
+    load,
+    model_cache_dir,
+    pick_device,
+    query_encoder,
+    resolve,
+    tiny,
+)
 
 
 class ClipEncoder:
@@ -66,17 +73,15 @@ class ClipEncoder:
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def model_cache_dir(configured: str) -> Path:
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "clipgram" / "models"
-
-
 @lru_cache(maxsize=4)
 def _encoder(spec: str, default: str, cache_dir: str, device: str, precision: str,
              compile: bool, channels_last: bool) -> ClipEncoder:
     resolved = resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_CLIP,
                                cache_dir=model_cache_dir(cache_dir))
-    return ClipEncoder(resolved, pick_device(device), precision=precision, compile=compile,
-                       channels_last=channels_last)
+    encoder = ClipEncoder(resolved, pick_device(device), precision=precision, compile=compile,
+                          channels_last=channels_last)
+    query_encoder.save(encoder, model_cache_dir(cache_dir))  # the next search's fast start
+    return encoder
 
 
 def from_config(models: ModelSettings) -> ClipEncoder:

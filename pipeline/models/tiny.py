@@ -457,7 +457,7 @@ def reship(arch: str, cache_dir: Path) -> Path:
 
 def main() -> None:
     from clipgram import config
-    from clipgram.models.clip import model_cache_dir
+    from clipgram.models import model_cache_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)  # our lines; open_clip's INFO stays out
