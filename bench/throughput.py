@@ -32,6 +32,7 @@ from PIL import Image
 from bench import analyse as bench_analyse
 from bench import app as bench_app
 from bench import odd_images as bench_odd_images
+from bench import query as bench_query
 from bench import rerun as bench_rerun
 from bench import search as bench_search
 from bench import startup as bench_startup
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
         results["app"] = bench_app.run(images=100_000, repeats=100)  # the app over HTTP, 100k images
         results["analyse"] = bench_analyse.run()  # the analyse stage, first and incremental, 10k and 100k
+        results["query"] = bench_query.run(scenes=2000)  # which results match: demo and 2,000 scenes
         # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:

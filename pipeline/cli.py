@@ -174,7 +174,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     encoder = None if not needs_model else (
         _encoder(cfg) if any(t.kind == "image" for t in terms) else _query_encoder(cfg, con))
     mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode, filters, encoder)
-    log.info("%s search: %d hits", mode, len(hits))
+    matched = search.matches(hits)
+    log.info("%s search: %d hits%s", mode, len(hits), "" if matched is None else
+             f", {matched} matching" if matched else ", none matching: the closest are shown")
     report.print_hits(hits, _format(args))
     if args.html:
         title = " + ".join(f"{t.weight:g}·{t.value}" if t.weight != 1 else t.value for t in terms)

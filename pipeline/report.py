@@ -33,8 +33,9 @@ def _cell(value: Any, width: int = 60) -> str:
 
 
 def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "table",
-               out: TextIO | None = None) -> None:
-    """Write rows as an aligned text table, JSON (a list of objects) or CSV."""
+               out: TextIO | None = None, notes: dict[int, str] | None = None) -> None:
+    """Write rows as an aligned text table, JSON (a list of objects) or CSV; a table shows
+    `notes` as lines of their own, each before the row of its index."""
     out = out or sys.stdout  # looked up now: tests and callers may have replaced it
     if fmt == "json":
         json.dump([{c: _plain(v) for c, v in zip(columns, row)} for row in rows], out, indent=2)
@@ -48,16 +49,24 @@ def print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str =
         widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
         line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
         out.write(line.rstrip() + "\n" + "  ".join("-" * w for w in widths) + "\n")
-        for r in cells:
+        for i, r in enumerate(cells):
+            if i in (notes or {}):
+                out.write(f"{notes[i]}\n")
             out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
+NOT_MATCHING = "— closest, but not matching —"
+
+
 def print_hits(hits: Sequence[Hit], fmt: str = "table", out: TextIO | None = None) -> None:
+    """Hits as rows; a table draws a line where the judged matches end (relevance.py)."""
     columns = ["rank", "score", "account", "shortcode", "caption", "path"]
     if fmt != "table":
         columns = list(Hit.__dataclass_fields__)
-    print_rows(columns, [[getattr(h, c) for c in columns] for h in hits], fmt, out)
+    first_not = next((i for i, h in enumerate(hits) if h.match is False), None)
+    print_rows(columns, [[getattr(h, c) for c in columns] for h in hits], fmt, out,
+               notes=None if first_not is None else {first_not: NOT_MATCHING})
 
 
 _PAGE = """<!doctype html>

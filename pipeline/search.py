@@ -60,6 +60,7 @@ class Hit:
     caption: str
     path: str           # absolute path of the stored image
     permalink: str
+    match: bool | None = None  # judged to match a text query (analysis/relevance.py); None: not judged
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -448,11 +449,41 @@ def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k:
     vector = query_vector(con, index, terms, encoder)
     exclude = {t.value for t in terms if t.kind == "like"}  # an image is trivially like itself
     if mode == "clip":
-        return mode, _hits(con, data_dir, vector_ranking(con, index, vector, k, filters, exclude))
-    pool = max(RRF_POOL, k)
-    ranked = fuse([vector_ranking(con, index, vector, pool, filters),
-                   caption_ranking(con, words, pool, filters, text)], k)
-    return mode, _hits(con, data_dir, ranked)
+        ranked = vector_ranking(con, index, vector, k, filters, exclude)
+    else:
+        pool = max(RRF_POOL, k)
+        ranked = fuse([vector_ranking(con, index, vector, pool, filters),
+                       caption_ranking(con, words, pool, filters, text)], k)
+    return mode, judged(con, data_dir, index, terms, vector, _hits(con, data_dir, ranked))
+
+
+def matches(hits: list[Hit]) -> int | None:
+    """How many leading hits match the query; None when they were not judged."""
+    return None if not hits or hits[0].match is None else sum(bool(h.match) for h in hits)
+
+
+def judged(con: duckdb.DuckDBPyConnection, data_dir: Path, index: VectorIndex, terms: list[Term],
+           vector: np.ndarray, hits: list[Hit]) -> list[Hit]:
+    """For a query of text, each hit's `match` (analysis/relevance.py), the matches first in
+    their order, then the closest that do not match; other queries (an image, --like), or a
+    library with no relevance fit yet (no captions), are returned as they are."""
+    from clipgram.analysis import relevance  # imports this module
+
+    if not hits or any(t.kind != "text" for t in terms):
+        return hits
+    cutoff = relevance.load(data_dir, catalog.meta(con).get("clip_model", ""))
+    if cutoff is None:
+        return hits
+    rows = dict(con.execute(f"SELECT media_id, row FROM search_rows WHERE media_id IN "
+                            f"{one_of([h.media_id for h in hits])}").fetchall())
+    vectors = np.asarray(index.matrix[[rows[h.media_id] for h in hits]], dtype=np.float32)
+    query_words = sum(len(relevance.words(t.value)) for t in terms if t.weight > 0)
+    for hit, match in zip(hits, cutoff.judge(query_words, vectors, vectors @ vector)):
+        hit.match = bool(match)
+    ordered = sorted(hits, key=lambda h: not h.match)  # stable: each group keeps its order
+    for rank, hit in enumerate(ordered, start=1):
+        hit.rank = rank
+    return ordered
 
 
 def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.ClipEncoder,

@@ -12,7 +12,7 @@ from PIL import Image
 from clipgram import catalog, demo, synthetic
 from clipgram.app import library, server, sql, thumbs
 
-RESULT_FIELDS = {"media_id", "score", "account", "shortcode", "caption", "post_caption", "thumbnail",
+RESULT_FIELDS = {"media_id", "score", "match", "account", "shortcode", "caption", "post_caption", "thumbnail",
                  "permalink"}
 
 
@@ -49,8 +49,11 @@ def test_text_search_returns_documented_results_with_thumbnails(app, data_dir):
     body = app.get("/api/search", params={"q": "a red square", "k": 5}).json()
     assert body["mode"] == "hybrid" and 0 < len(body["results"]) <= 5
     assert all(RESULT_FIELDS <= set(r) for r in body["results"])
-    scores = [r["score"] for r in body["results"]]
-    assert scores == sorted(scores, reverse=True)
+    # the results judged to match first (relevance.py), each group best first
+    matches, flags = body["matches"], [r["match"] for r in body["results"]]
+    assert 0 < matches <= len(flags) and flags == [True] * matches + [False] * (len(flags) - matches)
+    for group in (body["results"][:matches], body["results"][matches:]):
+        assert [r["score"] for r in group] == sorted((r["score"] for r in group), reverse=True)
     thumb = app.get(body["results"][0]["thumbnail"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     img = Image.open(io.BytesIO(thumb.content))

@@ -20,6 +20,8 @@ pytestmark = needs_chromium
 
 CARDS = "[...document.querySelectorAll('#results .card')].map(c => ({media: c.querySelector('a').href, " \
         "caption: c.querySelector('.caption').textContent, meta: c.querySelector('.meta').textContent}))"
+# the matches and the closest that do not match (shown or not): every result of a search
+EVERY_CARD = CARDS.replace("'#results .card'", "'#results .card, #closest-results .card'")
 
 
 def _until(page, expression: str, timeout: float = 60):
@@ -69,6 +71,15 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         if os.environ.get("CLIPGRAM_SCREENSHOT"):
             Path(os.environ["CLIPGRAM_SCREENSHOT"]).write_bytes(base64.b64decode(shot["data"]))
 
+        # the results judged not to match wait behind a button; a query nothing matches shows them at once
+        closest = "[...document.querySelectorAll('#closest-results .card')]"
+        assert page.evaluate("!document.querySelector('#closest').hidden && "
+                             "document.querySelector('#closest-results').hidden")
+        page.evaluate("document.querySelector('#show-closest').click()")
+        assert page.evaluate(f"{closest}.length") == 24 - len(cards)
+        assert all((lambda s: (s.color, s.shape))(scene_of(_media(c["media"]))[1]) == ("red", "square")
+                   for c in cards)
+
         # more like this, on the first result
         first = _media(cards[0]["media"])
         page.evaluate("document.querySelector('#results .card .more').click()")
@@ -82,7 +93,7 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         page.evaluate("""(() => { const f = document.querySelector('[name=min_likes]');
                          f.value = '500'; f.dispatchEvent(new Event('change')); })()""")
         liked = _until(page, "location.search.includes('min_likes=500') && "
-                             f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+                             f"document.querySelector('#search-note').textContent.includes('results') && {EVERY_CARD}")
         assert liked and all(int(c["meta"].split("♥ ")[1].split(" ")[0]) >= 500 for c in liked)
 
         # the map: few points, so pictures at once, each in its cluster's colour; the legend hides one
@@ -130,6 +141,14 @@ def test_search_more_like_this_filters_map_and_status(app_library, ingested_samp
         assert page.evaluate("document.querySelector('#image-full').naturalWidth") > 0 or \
             _until(page, "document.querySelector('#image-full').naturalWidth > 0")
 
+        # a query nothing in the demo matches says so, and shows the closest at once
+        open_page(page, url + "/?q=a+white+circle")
+        note = _until(page, "document.querySelector('#search-note').textContent.includes('None of') && "
+                            "document.querySelector('#search-note').textContent")
+        assert "a white circle" in note and page.evaluate(f"{CARDS}.length") == 0
+        assert page.evaluate("!document.querySelector('#closest-results').hidden && "
+                             "document.querySelectorAll('#closest-results .card').length") > 0
+
         # an account's status
         open_page(page, url + "/explore")
         rows = _until(page, "[...document.querySelectorAll('#stages tbody tr')].map(r => r.innerText)")
@@ -159,13 +178,13 @@ def test_filters_read_from_the_query_show_as_chips_that_remove_them(app_library,
         _type(page, "a red shape #square with over 100 likes")
         chips = _until(page, "[...document.querySelectorAll('#parsed .chip')].map(c => c.textContent)")
         assert chips == ["#square ×", "♥ ≥ 101 ×"]
-        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {EVERY_CARD}")
         assert {_media(c["media"]) for c in cards} <= tagged
         page.evaluate("document.querySelector('#parsed .chip').click()")  # without #square
         _until(page, "location.search.includes('literal=1')")
         params = dict(urllib.parse.parse_qsl(page.evaluate("location.search")[1:]))
         assert params["q"] == "a red shape" and params["min_likes"] == "101" and "hashtag" not in params
-        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {CARDS}")
+        cards = _until(page, f"document.querySelector('#search-note').textContent.includes('results') && {EVERY_CARD}")
         assert {_media(c["media"]) for c in cards} - tagged  # other shapes now
         assert page.evaluate("document.querySelectorAll('#parsed .chip').length") == 0
         assert page.problems() == []

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from clipgram import catalog, search
+from clipgram import catalog, report, search
 from clipgram.cli import main
 from clipgram.models import clip, model_cache_dir, query_encoder
 
@@ -114,19 +114,26 @@ def test_image_search_finds_the_image_itself_and_like_leaves_it_out(env, capsys)
     assert [r["score"] for r in sql_rows] == pytest.approx([h["score"] for h in like], abs=1e-5)
 
 
+def _matches_first(ranked_ids, hits):
+    """`ranked_ids` as a search returns them: those its `hits` judge to match first, each group in order."""
+    match = {h["media_id"]: h["match"] for h in hits}
+    return sorted(ranked_ids, key=lambda m: not match[m])
+
+
 def test_hybrid_is_reciprocal_rank_fusion_of_clip_and_bm25(env, capsys):
     cfg, con, encoder = env
     code, hybrid = _cli(cfg, capsys, "search", "yellow square", "-k", "5")
     assert code == 0
     pool = search.RRF_POOL
-    clip_ids = [h.media_id for h in search.text_search(con, cfg.data_dir, encoder, "yellow square", pool)]
+    clip_hits = search.text_search(con, cfg.data_dir, encoder, "yellow square", pool)
+    clip_ids = [h.media_id for h in sorted(clip_hits, key=lambda h: -h.score)]  # by CLIP alone
     bm25_ids = [h.media_id for h in search.caption_search(con, cfg.data_dir, "yellow square", pool)]
     fused = {m: 0.0 for m in clip_ids + bm25_ids}
     for ranking in (clip_ids, bm25_ids):
         for rank, m in enumerate(ranking, start=1):
             fused[m] += 1 / (search.RRF_K + rank)
     expected = sorted(fused, key=lambda m: (-fused[m], m))[:5]
-    assert [h["media_id"] for h in hybrid] == expected
+    assert [h["media_id"] for h in hybrid] == _matches_first(expected, hybrid)
     tags = con.execute("SELECT hashtags FROM images WHERE media_id = ?", [hybrid[0]["media_id"]]).fetchone()[0]
     assert "yellow" in tags and "square" in tags
 
@@ -137,8 +144,9 @@ def test_sql_macros_agree_with_the_cli(env, capsys):
     code2, sql_rows = _cli(cfg, capsys, "sql", "SELECT media_id, score FROM search_text('a green circle', 5)")
     assert code == code2 == 0, sql_rows
     assert code2 == 0, sql_rows
-    assert [r["media_id"] for r in sql_rows] == [h["media_id"] for h in cli_hits]
-    assert [r["score"] for r in sql_rows] == pytest.approx([h["score"] for h in cli_hits], abs=1e-4)
+    assert _matches_first([r["media_id"] for r in sql_rows], cli_hits) == [h["media_id"] for h in cli_hits]
+    scores = {r["media_id"]: r["score"] for r in sql_rows}
+    assert [scores[h["media_id"]] for h in cli_hits] == pytest.approx([h["score"] for h in cli_hits], abs=1e-4)
     code, cli_hits = _cli(cfg, capsys, "search", "triangle", "--captions", "-k", "5")
     assert code == 0, cli_hits
     code2, sql_rows = _cli(cfg, capsys, "sql", "SELECT media_id FROM search_captions('triangle', 5)")
@@ -267,3 +275,72 @@ def test_one_of_lists_values_as_literals_that_match_only_themselves(values):
     con.executemany("INSERT INTO t VALUES (?)", [[v] for v in [*values, *(["other"] if kind == "VARCHAR" else [9])]])
     found = [v for v, in con.execute(f"SELECT v FROM t WHERE v IN {search.one_of(values)} ORDER BY v").fetchall()]
     assert found == sorted(values) and con.execute("SELECT count(*) FROM t").fetchone()[0] == len(values) + 1
+
+
+def test_caption_banks_are_the_most_common_beginnings_of_each_length():
+    from clipgram.analysis import relevance
+
+    found = relevance.banks(["a red square on white", "A red  square on blue", "a blue circle", "dog", ""], size=2)
+    assert found[1] == ["a", "dog"] and found[3] == ["a red square", "a blue circle"]
+    assert found[8] == ["a blue circle", "a red square on blue"]  # shorter captions count whole
+    assert relevance.banks([]) == {}
+
+
+def _scene_of_media(con):
+    from clipgram import demo
+
+    shown = demo.scenes()
+    return {m: shown[url.rsplit("/", 1)[1]] for m, url in con.execute(
+        "SELECT media_id, url FROM media WHERE status = 'done'").fetchall()}
+
+
+@pytest.mark.parametrize("mode", ["clip", "hybrid"])
+def test_a_search_says_which_results_match_and_when_nothing_does(env, mode):
+    """Judged against what the demo drew: the results marked as matching "a {colour} {shape}"
+    are the images of that colour and shape (precision and recall ≥ 0.9 over every pair the
+    demo holds), they come first, and a pair the demo does not hold mostly matches nothing."""
+    from clipgram import synthetic
+
+    cfg, con, encoder = env
+    scene_of = _scene_of_media(con)
+    true_pos = false_pos = false_neg = absent = absent_empty = 0
+    for color in synthetic.COLORS:
+        for shape in synthetic.SHAPES:
+            _, hits = search.search(con, cfg.data_dir, [search.Term("text", f"a {color} {shape}")],
+                                    len(scene_of), mode, encoder=encoder)
+            assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+            flags = [h.match for h in hits]
+            assert flags == sorted(flags, reverse=True)  # the matches first
+            assert search.matches(hits) == sum(flags)
+            matched = {h.media_id for h in hits if h.match}
+            truth = {m for m, s in scene_of.items() if (s.color, s.shape) == (color, shape)}
+            if truth:
+                true_pos, false_pos = true_pos + len(matched & truth), false_pos + len(matched - truth)
+                false_neg += len(truth - matched)
+            else:
+                absent, absent_empty = absent + 1, absent_empty + (not matched)
+    assert true_pos / (true_pos + false_pos) >= 0.9 and true_pos / (true_pos + false_neg) >= 0.9
+    assert absent >= 3 and absent_empty / absent >= 0.9
+
+
+def test_the_cli_draws_where_the_matches_end(env, capsys):
+    cfg, _, _ = env
+    base = ["--data-dir", str(cfg.data_dir), "--clip-model", "tiny", "--device", "cpu"]
+    assert main(["search", "a blue circle", "--mode", "clip", *base]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    divider = lines.index(report.NOT_MATCHING)
+    assert 2 < divider < len(lines) - 2  # after the header and some matches, before the rest
+    code, hits = _cli(cfg, capsys, "search", "a blue circle", "--mode", "clip")
+    assert code == 0 and [h["match"] for h in hits] == [True] * (divider - 2) + [False] * (len(hits) - divider + 2)
+
+
+def test_without_a_relevance_fit_results_are_not_judged(env, tmp_path):
+    from clipgram.analysis import derived, fits, relevance
+
+    cfg, _, encoder = env
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data_dir, data)
+    fits.path(data, relevance.ANALYSIS, derived.ALL_ACCOUNTS, encoder.id).unlink()
+    with catalog.connect(data) as con:
+        _, hits = search.search(con, data, [search.Term("text", "a red square")], 5, "clip", encoder=encoder)
+    assert hits and {h.match for h in hits} == {None} and search.matches(hits) is None

@@ -145,7 +145,7 @@ def run(data_dir: Path, encoder: Any, names: list[str] | None = None) -> list[St
     found = derived.vectors(data_dir, encoder.id)
     vectors = found.of()
     # the temperature CLIP was trained with; 100 is its usual learned value
-    scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 100.0
+    scale = encoder.logit_scale
     results = []
     for name in names or sorted(sets):
         label_set = sets[name]

@@ -67,8 +67,8 @@ class HTTPError(Exception):
         self.status = status
 
 
-def _result(row: dict[str, Any], score: float) -> dict[str, Any]:
-    return {"media_id": row["media_id"], "score": round(score, 6), "account": row["account"],
+def _result(row: dict[str, Any], score: float, match: bool | None = None) -> dict[str, Any]:
+    return {"media_id": row["media_id"], "score": round(score, 6), "match": match, "account": row["account"],
             "shortcode": row["shortcode"], "caption": row["generated_caption"],
             "post_caption": row["post_caption"], "likes": row["likes"],
             "taken_at": row["taken_at"].isoformat() if row["taken_at"] else None,
@@ -90,7 +90,7 @@ def _rows(con, media_ids: list[str]) -> dict[str, dict[str, Any]]:
 
 def _results(con, hits: list[search.Hit]) -> list[dict[str, Any]]:
     rows = _rows(con, [h.media_id for h in hits])
-    return [_result(rows[h.media_id], h.score) for h in hits]
+    return [_result(rows[h.media_id], h.score, h.match) for h in hits]
 
 
 def _filters(account: list[str], since: date | None, until: date | None, hashtag: list[str],
@@ -166,7 +166,10 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
         encoder = None if mode == "captions" else library.encoder()
         ran, hits = search.search(con, library.data_dir, terms, k * (page + 1), mode, filters, encoder,
                                   generation.text)
-        return {"mode": ran, "page": page, "k": k, "results": _results(con, hits[k * page:])}
+        shown = hits[k * page:]
+        # matches: how many leading results are judged to match (relevance.py); null: not judged
+        return {"mode": ran, "page": page, "k": k, "matches": search.matches(shown),
+                "results": _results(con, shown)}
 
     @app.get("/api/search", summary="Search by text: what `clipgram search` takes")
     def api_search(q: str = Query(..., description='text, "quoted" terms, weights (2:…), + and -'),

@@ -33,6 +33,9 @@ class ClipEncoder:
             self.model.visual.to(memory_format=torch.channels_last)
         self._encode_image = torch.compile(self.model.encode_image) if compile else self.model.encode_image
         self.dim = int(self.encode_text([""]).shape[1])
+        # how the model turns cosines into logits (open_clip keeps its log); 100 when it has none
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
     @torch.inference_mode()
     def start_encoding(self, batch: torch.Tensor) -> Callable[[], np.ndarray]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("clipgram.models")
 
-FORMAT = 1
+FORMAT = 2
 # texts that exercise what the tokenizer does: case, punctuation, digits, accents, html,
 # whitespace, emoji, and one longer than any context (truncation)
 PROBES = ("a photo of a red square", "Two DOGS, one cat!", "café &amp; crème brûlée 2024",
@@ -84,11 +84,12 @@ def _text_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclass
 class QueryEncoder:
-    """Encodes text as the model it was saved from does: `id`, `dim`, `encode_text`, as
-    `clip.ClipEncoder` has them (images need the whole model)."""
+    """Encodes text as the model it was saved from does: `id`, `dim`, `logit_scale`,
+    `encode_text`, as `clip.ClipEncoder` has them (images need the whole model)."""
 
     id: str
     dim: int
+    logit_scale: float
     module: torch.jit.ScriptModule
     tokenizer: Any
 
@@ -122,6 +123,7 @@ def save(encoder: Any, cache_dir: Path) -> Path | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(f".{os.getpid()}.tmp")
             meta = {"format": FORMAT, "id": encoder.id, "dim": int(encoder.dim),
+                    "logit_scale": encoder.logit_scale,
                     "context_length": context_length}
             torch.jit.save(traced, str(partial), _extra_files={"clipgram.json": json.dumps(meta)})
         os.replace(partial, target)
@@ -145,7 +147,7 @@ def load(cache_dir: Path, model_id: str) -> QueryEncoder | None:
         meta = json.loads(extra["clipgram.json"])
         if meta.get("format") != FORMAT or meta.get("id") != model_id:
             raise ValueError(f"saved as {meta.get('id')!r}, format {meta.get('format')!r}")
-        return QueryEncoder(model_id, int(meta["dim"]), module.eval(), _tokenizer(int(meta["context_length"])))
+        return QueryEncoder(model_id, int(meta["dim"]), float(meta["logit_scale"]), module.eval(), _tokenizer(int(meta["context_length"])))
     except Exception as e:  # noqa: BLE001 — a torn, foreign or older file: the caller loads
         # the whole model, and that load saves the tower afresh once this one is gone
         log.debug("%s: saved query encoder %s does not load: %s: %s", model_id, source, type(e).__name__, e)

@@ -11,13 +11,15 @@ or changed loads the CLIP model (its prompts are encoded).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clipgram import catalog
-from clipgram.analysis import clusters, derived, duplicates, fits, labels, projection
+from clipgram.analysis import clusters, derived, duplicates, fits, labels, projection, relevance
 from clipgram.config import AnalysisSettings, Config
 from clipgram.result import StageResult
 
@@ -108,7 +110,9 @@ def analyse(cfg: Config, account: str | None, refit: bool = False) -> StageResul
     if len(library.shas) < MIN_IMAGES:
         return StageResult("analyse", scope_name, note=f"{len(library.shas)} embedded image(s): "
                                                     f"analyses need {MIN_IMAGES} or more").log()
-    notes, touched = _labels(cfg, model, library, refit)
+    encoder = functools.cache(lambda: _text_encoder(cfg, model))  # loaded when a fit needs it
+    notes, touched = _labels(cfg, model, library, refit, encoder)
+    notes += _relevance(cfg, model, refit, encoder)
     scopes = [(None, library)]
     if len(accounts) > 1 and account in accounts:  # one account: its scope is the library's
         scopes.append((account, derived.vectors(data_dir, model, account)))
@@ -123,23 +127,51 @@ def analyse(cfg: Config, account: str | None, refit: bool = False) -> StageResul
                        note="; ".join(notes) or "up to date").log()
 
 
-def _labels(cfg: Config, model: str, library: derived.Vectors, refit: bool) -> tuple[list[str], int]:
+def _text_encoder(cfg: Config, model: str) -> Any:
+    """A text encoder of the catalog's model: its saved text tower (fast), else the configured
+    model when it is the catalog's; None (with a warning) when neither is at hand."""
+    from clipgram.models import clip, model_cache_dir, query_encoder
+
+    saved = query_encoder.load(model_cache_dir(cfg.models.cache_dir), model)
+    if saved is not None:
+        return saved
+    encoder = clip.from_config(cfg.models)
+    if encoder.id == model:
+        return encoder
+    log.warning("label sets and the relevance cutoff not fitted: the catalog's embeddings are from %s, "
+                "the configured CLIP model is %s", model, encoder.id)
+    return None
+
+
+def _labels(cfg: Config, model: str, library: derived.Vectors, refit: bool,
+            encoder: Callable[[], Any]) -> tuple[list[str], int]:
     """Score the sets whose fit is missing or stale with the CLIP model, then every new image:
     (what was done, how many images were scored)."""
     stale = sorted(labels.load_sets(cfg.data_dir)) if refit else labels.stale(cfg.data_dir, model)
     notes, touched = [], 0
-    if stale:
-        from clipgram.models import clip
-
-        encoder = clip.from_config(cfg.models)
-        if encoder.id != model:
-            log.warning("label sets %s not scored: the catalog's embeddings are from %s, the configured "
-                        "CLIP model is %s", ", ".join(stale), model, encoder.id)
-        else:
-            labels.run(cfg.data_dir, encoder, stale)
-            notes.append(f"labels fitted ({', '.join(stale)})")
-            touched = len(library.shas)
+    if stale and encoder() is not None:
+        labels.run(cfg.data_dir, encoder(), stale)
+        notes.append(f"labels fitted ({', '.join(stale)})")
+        touched = len(library.shas)
     placed = labels.extend(cfg.data_dir, model, library)
     if placed:
         notes.append(f"labels +{placed}")
     return notes, max(touched, placed)
+
+
+def _relevance(cfg: Config, model: str, refit: bool, encoder: Callable[[], Any]) -> list[str]:
+    """Encode the banks of caption beginnings the search's relevance cutoff judges by, when
+    there are none or the captions grew by `refit_growth` (relevance.py)."""
+    with catalog.connect(cfg.data_dir) as con:
+        captioner = catalog.meta(con).get("captioner") or ""
+        captions = [c for c, in con.execute(
+            "SELECT generated_caption FROM documents WHERE length(generated_caption) > 0").fetchall()]
+    if not captions:
+        return []
+    found = fits.load(cfg.data_dir, relevance.ANALYSIS, derived.ALL_ACCOUNTS, model)
+    why = relevance.needs_fit(found, captioner, len(captions), cfg.analysis.refit_growth, refit)
+    if why is None or encoder() is None:
+        return []
+    text = encoder()
+    relevance.fit(cfg.data_dir, model, captioner, captions, text.encode_text, text.logit_scale)
+    return [f"relevance fitted ({why}: {len(captions)} captions)"]

@@ -93,6 +93,7 @@ async function searchView(params) {
     path = `/api/search?${query}`;
   }
   $("#parsed").replaceChildren();
+  $("#closest").hidden = true;
   if (!path) { grid.replaceChildren(); note.textContent = "Type what you are looking for, or drop an image."; return; }
   note.className = "note";
   note.textContent = label || "Searching…";  // a fresh app loads CLIP at its first query
@@ -100,13 +101,18 @@ async function searchView(params) {
   try {
     const body = await api(path);
     if (seen !== routes) return;
-    fill(grid, body.results);
+    const judged = typeof body.matches === "number";
+    fill(grid, judged ? body.results.slice(0, body.matches) : body.results);
+    if (judged) closest(body.results.slice(body.matches), body.matches);
     chips(params, body.parsed);
     if (body.name) note.textContent = `${body.name} · ${body.results.length} images`;
     if (body.images !== undefined) note.textContent = `${label} · ${body.images} images` +
       (body.images > body.results.length ? ` (the first ${body.results.length})` : "") +
       (body.images ? "" : ": the box holds none; select a region around some points");
-    if (body.mode) note.textContent = [label, `${body.results.length} results (${body.mode})`].filter(Boolean).join(" · ");
+    if (body.mode) note.textContent = [label, !judged ? `${body.results.length} results (${body.mode})`
+      : body.matches ? `${body.matches} of ${body.results.length} results match (${body.mode})`
+      : `None of ${body.results.length} results match “${params.get("q")}” (${body.mode}): the closest are below; try other words`,
+    ].filter(Boolean).join(" · ");
     $("#prev").hidden = !page;
     $("#next").hidden = body.results.length < PAGE || body.page === undefined;
   } catch (error) {
@@ -115,6 +121,20 @@ async function searchView(params) {
     note.className = "note error";
     note.textContent = error.message;
   }
+}
+
+// The results judged not to match the query (relevance cutoff): behind a button, shown at once
+// when nothing matches (the page is never empty without saying why).
+function closest(hits, matches) {
+  const button = $("#show-closest");
+  const more = $("#closest-results");
+  $("#closest").hidden = !hits.length;
+  fill(more, hits);
+  more.hidden = matches > 0;
+  button.textContent = more.hidden ? `Show ${hits.length} closest anyway (not matching)`
+                                   : `The ${hits.length} closest, none matching`;
+  button.disabled = !more.hidden;
+  button.onclick = () => { more.hidden = false; button.disabled = true; button.textContent = `The ${hits.length} closest, not matching`; };
 }
 
 // The filters the search read from the query, each a chip whose × searches without it: the
