@@ -225,9 +225,11 @@ def cutoff_ms(cfg: Config, repeats: int = 200) -> float:
         for i in range(repeats):
             terms = [search.Term("text", QUERIES[i % len(QUERIES)])]
             vector = search.query_vector(con, index, terms, encoder)
+            ranked = search.vector_ranking(con, index, vector, 24, search.Filters())
             hits = search.search(con, cfg.data_dir, terms, 24, "clip", encoder=encoder)[1]
             started = time.perf_counter()
-            search.judged(con, cfg.data_dir, index, terms, vector, hits)
+            search.judged(con, cfg.data_dir, index, terms, vector, hits, encoder.id,
+                          {m: r for m, _, r in ranked})
             times.append(time.perf_counter() - started)
     return round(statistics.median(times) * 1000, 3)
 

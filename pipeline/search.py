@@ -387,14 +387,14 @@ def _candidate_rows(con: duckdb.DuckDBPyConnection, filters: Filters) -> np.ndar
 
 
 def vector_ranking(con: duckdb.DuckDBPyConnection, index: VectorIndex, vector: np.ndarray, k: int,
-                   filters: Filters, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
-    """(media_id, cosine) of the best `k` images that pass `filters`, best first."""
+                   filters: Filters, exclude: set[str] = frozenset()) -> list[tuple[str, float, int]]:
+    """(media_id, cosine, row) of the best `k` images that pass `filters`, best first."""
     rows, scores = index.top(vector, k + len(exclude), _candidate_rows(con, filters))
     if not len(rows):
         return []
     ids = dict(con.execute(f"SELECT row, media_id FROM search_rows WHERE row IN {one_of(rows.tolist())}"
                            ).fetchall())
-    return [(ids[r], float(s)) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
+    return [(ids[r], float(s), r) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
 
 
 def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int, filters: Filters,
@@ -410,11 +410,12 @@ def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int, filters:
         ORDER BY score DESC, media_id LIMIT ?""", [query, *params, k]).fetchall()]
 
 
-def fuse(rankings: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
-    """Reciprocal rank fusion: Σ 1 / (RRF_K + rank) per media id; ties by media id."""
+def fuse(rankings: list[list[tuple]], k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion of rankings of (media_id, score, …): Σ 1 / (RRF_K + rank) per
+    media id; ties by media id."""
     fused: dict[str, float] = {}
     for ranking in rankings:
-        for rank, (media_id, _) in enumerate(ranking, start=1):
+        for rank, (media_id, *_) in enumerate(ranking, start=1):
             fused[media_id] = fused.get(media_id, 0.0) + 1.0 / (RRF_K + rank)
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
 
@@ -448,13 +449,12 @@ def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k:
     index = VectorIndex.open(con, data_dir)
     vector = query_vector(con, index, terms, encoder)
     exclude = {t.value for t in terms if t.kind == "like"}  # an image is trivially like itself
-    if mode == "clip":
-        ranked = vector_ranking(con, index, vector, k, filters, exclude)
-    else:
-        pool = max(RRF_POOL, k)
-        ranked = fuse([vector_ranking(con, index, vector, pool, filters),
-                       caption_ranking(con, words, pool, filters, text)], k)
-    return mode, judged(con, data_dir, index, terms, vector, _hits(con, data_dir, ranked))
+    by_vector = vector_ranking(con, index, vector, k if mode == "clip" else max(RRF_POOL, k), filters, exclude)
+    ranked = by_vector if mode == "clip" else fuse(
+        [by_vector, caption_ranking(con, words, max(RRF_POOL, k), filters, text)], k)
+    hits = _hits(con, data_dir, [(m, score) for m, score, *_ in ranked])
+    model = encoder.id if encoder is not None else ""  # checked against the catalog's by query_vector
+    return mode, judged(con, data_dir, index, terms, vector, hits, model, {m: r for m, _, r in by_vector})
 
 
 def matches(hits: list[Hit]) -> int | None:
@@ -463,19 +463,22 @@ def matches(hits: list[Hit]) -> int | None:
 
 
 def judged(con: duckdb.DuckDBPyConnection, data_dir: Path, index: VectorIndex, terms: list[Term],
-           vector: np.ndarray, hits: list[Hit]) -> list[Hit]:
+           vector: np.ndarray, hits: list[Hit], model: str, rows: dict[str, int]) -> list[Hit]:
     """For a query of text, each hit's `match` (analysis/relevance.py), the matches first in
     their order, then the closest that do not match; other queries (an image, --like), or a
-    library with no relevance fit yet (no captions), are returned as they are."""
+    library with no relevance fit yet (no captions), are returned as they are. `rows`: the
+    vector index rows of the hits the vector ranking found (the others are looked up)."""
     from clipgram.analysis import relevance  # imports this module
 
     if not hits or any(t.kind != "text" for t in terms):
         return hits
-    cutoff = relevance.load(data_dir, catalog.meta(con).get("clip_model", ""))
+    cutoff = relevance.load(data_dir, model)
     if cutoff is None:
         return hits
-    rows = dict(con.execute(f"SELECT media_id, row FROM search_rows WHERE media_id IN "
-                            f"{one_of([h.media_id for h in hits])}").fetchall())
+    missing = [h.media_id for h in hits if h.media_id not in rows]
+    if missing:  # found by the caption ranking alone (hybrid)
+        rows = {**rows, **dict(con.execute(f"SELECT media_id, row FROM search_rows WHERE media_id IN "
+                                           f"{one_of(missing)}").fetchall())}
     vectors = np.asarray(index.matrix[[rows[h.media_id] for h in hits]], dtype=np.float32)
     query_words = sum(len(relevance.words(t.value)) for t in terms if t.weight > 0)
     for hit, match in zip(hits, cutoff.judge(query_words, vectors, vectors @ vector)):
