@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from bench import save_section
-from clipgram import catalog
+from clipgram import ann, catalog
 from clipgram.search import VectorIndex, write_matrix
 
 DIM = 512
@@ -43,6 +43,7 @@ SIZES = (100_000, 1_000_000)
 # Building HNSW over random 512-d vectors took ~3 minutes for 20k rows on a loaded 2-core
 # host (and grows faster than linearly): 100k or 1M is far past the bench's budget there.
 HNSW_SIZES = (10_000,)
+ANN_SIZES = (1_000_000,)    # 10M (20 GB of vectors, an hour to build here) only when asked
 QUERIES = 20
 SEED = 20240601
 CHUNK = 65_536              # rows generated (and written) at a time: memory stays flat
@@ -58,15 +59,38 @@ def random_unit_vectors(count: int, dim: int, seed: int) -> Iterator[np.ndarray]
         yield block
 
 
+def clustered_unit_vectors(count: int, dim: int, seed: int, clusters: int = 1000) -> Iterator[np.ndarray]:
+    """`count` unit vectors spread as CLIP embeddings roughly are, in blocks of CHUNK rows:
+    normalise(√0.45·g + √0.25·c + √0.30·e), g one direction all share (CLIP's vectors sit in
+    a narrow cone), c the direction of the vector's cluster (1,000 of them, Zipf-sized: a few
+    subjects fill most of a library) and e a random direction of its own. Any two vectors
+    then have a cosine of about 0.45, two of a cluster about 0.7. The cluster directions come
+    from a fixed seed, so stored vectors and queries (another `seed`) share them."""
+    shape_rng = np.random.default_rng(SEED)
+    shared = shape_rng.standard_normal(dim).astype(np.float32)
+    centres = shape_rng.standard_normal((clusters, dim)).astype(np.float32)
+    shared /= np.linalg.norm(shared)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sizes = 1.0 / np.arange(1, clusters + 1)
+    rng = np.random.default_rng(seed)
+    for start in range(0, count, CHUNK):
+        rows = min(CHUNK, count - start)
+        own = rng.standard_normal((rows, dim), dtype=np.float32)
+        own /= np.linalg.norm(own, axis=1, keepdims=True)
+        block = (np.sqrt(0.45) * shared + np.sqrt(0.25) * centres[rng.choice(clusters, rows, p=sizes / sizes.sum())]
+                 + np.sqrt(0.30) * own).astype(np.float32)
+        yield block / np.linalg.norm(block, axis=1, keepdims=True)
+
+
 def _vector_column(block: np.ndarray) -> pa.FixedSizeListArray:
     """A (rows, dim) block as FLOAT[dim], the type the embeddings view gives publish."""
     return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1])
 
 
-def store_vectors(path: Path, count: int, dim: int, seed: int) -> Path:
+def store_vectors(path: Path, count: int, dim: int, seed: int, make: Callable = random_unit_vectors) -> Path:
     """Write the vectors as publish does: FLOAT[dim] record batches into `write_matrix`."""
     batches = (pa.record_batch([_vector_column(b)], names=["embedding"])
-               for b in random_unit_vectors(count, dim, seed))
+               for b in make(count, dim, seed))
     return write_matrix(path, count, dim, batches)
 
 
@@ -206,10 +230,44 @@ def bench_size(work: Path, count: int, queries: np.ndarray, hnsw: bool, k: int =
     return result
 
 
+def bench_ann(work: Path, count: int, queries: int, dim: int = DIM, k: int = K) -> dict[str, Any]:
+    """clipgram's approximate index (ann.py) over `count` clustered vectors, as publish builds
+    it and search uses it: build time, file size, resident memory, query time and recall@k
+    against the exact scan of the same matrix."""
+    path = store_vectors(work / f"clustered-{count}.npy", count, dim, SEED, clustered_unit_vectors)
+    before = _rss_mb("RssAnon")
+    start = time.perf_counter()
+    built = ann.build(np.load(path, mmap_mode="r"), work / f"clustered-{count}{ann.SUFFIX}")
+    build_s = time.perf_counter() - start
+    matrix = np.load(path, mmap_mode="r")
+    exact = VectorIndex(matrix)
+    start = time.perf_counter()  # what a fresh `clipgram search` pays before its first query
+    approximate = VectorIndex(matrix, ann.load(built, count))
+    load_ms = (time.perf_counter() - start) * 1000
+    query_vectors = next(clustered_unit_vectors(queries, dim, SEED + 1))
+    times: list[float] = []
+    found = []
+    for q in query_vectors:
+        started = time.perf_counter()
+        found.append(approximate.top(q, k)[0])
+        times.append(time.perf_counter() - started)
+    truth = [exact.top(q, k)[0] for q in query_vectors]
+    result = {"rows": count, "dim": dim, "queries": queries, "nprobe": ann.nprobe_for(approximate.approximate),
+              "build_s": round(build_s, 1), "load_ms": round(load_ms, 1), "index_mb": round(built.stat().st_size / 2**20, 1),
+              "p50_ms": round(float(np.percentile(times, 50)) * 1000, 2),
+              "p95_ms": round(float(np.percentile(times, 95)) * 1000, 2),
+              "recall_at_10": round(recall_at_k(found, truth), 3),
+              "index_rss_mb": round(_rss_mb("RssAnon") - before, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    path.unlink()
+    built.unlink()
+    return result
+
+
 def run(sizes: tuple[int, ...] = SIZES, hnsw_sizes: tuple[int, ...] = HNSW_SIZES,
-        queries: int = QUERIES, dim: int = DIM, k: int = K, ef_search: int = EF_SEARCH) -> dict[str, Any]:
-    """The search benchmark at each size (HNSW too at `hnsw_sizes`); `make bench` stores this
-    under results["search"], keyed by size."""
+        queries: int = QUERIES, dim: int = DIM, k: int = K, ef_search: int = EF_SEARCH,
+        ann_sizes: tuple[int, ...] = ANN_SIZES) -> dict[str, Any]:
+    """The search benchmark at each size (HNSW too at `hnsw_sizes`, clipgram's approximate
+    index at `ann_sizes`); `make bench` stores this under results["search"], keyed by size."""
     # queries come from their own seed: none of them is a stored vector
     query_vectors = next(random_unit_vectors(queries, dim, SEED + 1))
     all_sizes = sorted(set(sizes) | set(hnsw_sizes))
@@ -220,6 +278,12 @@ def run(sizes: tuple[int, ...] = SIZES, hnsw_sizes: tuple[int, ...] = HNSW_SIZES
             results[str(count)] = bench_size(Path(work), count, query_vectors, count in hnsw_sizes,
                                               k, ef_search)
             print(json.dumps(results[str(count)]), flush=True)
+        results["ann"] = {}
+        for count in ann_sizes:
+            print(f"search: approximate index over {count:,} clustered vectors …", flush=True)
+            results["ann"][str(count)] = bench_ann(Path(work), count, queries, dim, k)
+            print(json.dumps(results["ann"][str(count)]), flush=True)
+        results["ann"]["goals"] = {"p50_ms": 10, "recall_at_10": 0.95}
     return results
 
 
@@ -229,11 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hnsw-sizes", type=int, nargs="*", default=list(HNSW_SIZES),
                         help="sizes at which to build and query the HNSW index too (none: skip it)")
     parser.add_argument("--ef-search", type=int, default=EF_SEARCH, help="HNSW candidate list size")
+    parser.add_argument("--ann-sizes", type=int, nargs="*", default=list(ANN_SIZES),
+                        help="sizes at which to build and query the approximate index (10000000: opt-in)")
     parser.add_argument("--queries", type=int, default=QUERIES)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
     save_section(args.out, "search", run(tuple(args.sizes), tuple(args.hnsw_sizes), args.queries,
-                                         ef_search=args.ef_search))
+                                         ef_search=args.ef_search, ann_sizes=tuple(args.ann_sizes)))
 
 
 if __name__ == "__main__":

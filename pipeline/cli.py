@@ -173,7 +173,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     needs_model = mode != "captions" and any(t.kind != "like" for t in terms)
     encoder = None if not needs_model else (
         _encoder(cfg) if any(t.kind == "image" for t in terms) else _query_encoder(cfg, con))
-    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode, filters, encoder)
+    mode, hits = search.search(con, cfg.data_dir, terms, args.k or cfg.search.k, mode, filters, encoder,
+                               exact=args.exact)
     matched = search.matches(hits)
     log.info("%s search: %d hits%s", mode, len(hits), "" if matched is None else
              f", {matched} matching" if matched else ", none matching: the closest are shown")
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", help="SQL predicate over the images view, e.g. \"likes > 100\"")
     p.add_argument("--literal", action="store_true",
                    help="search the query as typed: read no dates, @accounts, #hashtags or likes from it")
+    p.add_argument("--exact", action="store_true",
+                   help="scan every vector, even where the library has an approximate index")
     p.add_argument("--html", type=Path, help="also write a results page with thumbnails")
     p.set_defaults(func=cmd_search)
 

@@ -135,6 +135,7 @@ class CaptionSettings:
 @dataclass(frozen=True)
 class SearchSettings:
     k: Count
+    ann_threshold: Count
 
 
 @dataclass(frozen=True)

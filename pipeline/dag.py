@@ -84,7 +84,8 @@ def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
 
     encoder = clip.from_config(cfg.models)
     model = captioner.from_config(cfg.models, cfg.caption)
-    return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account)
+    return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account,
+                           ann_threshold=cfg.search.ann_threshold)
 
 
 def _analyse(cfg: Config, account: str, origin: Origin) -> StageResult:

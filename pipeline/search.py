@@ -32,7 +32,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from clipgram import catalog, images
+from clipgram import ann, catalog, images
 from clipgram.errors import ClipgramError
 
 if TYPE_CHECKING:  # the encoder comes from the caller: searching loads no model itself
@@ -239,25 +239,38 @@ def write_matrix(path: Path, count: int, dim: int, batches: Iterable[pa.RecordBa
 
 
 class VectorIndex:
-    """Unit vectors, one row per searchable image; top-k by cosine (= dot product)."""
+    """Unit vectors, one row per searchable image; top-k by cosine (= dot product), exact or,
+    for a big library, from the candidates of its approximate index (ann.py) ranked exactly."""
 
-    def __init__(self, matrix: np.ndarray):
+    def __init__(self, matrix: np.ndarray, approximate: ann.Ann | None = None):
         self.matrix = matrix
+        self.approximate = approximate
 
     @classmethod
-    def open(cls, con: duckdb.DuckDBPyConnection, data_dir: Path) -> "VectorIndex":
-        relative = catalog.meta(con).get("vector_index")
+    def open(cls, con: duckdb.DuckDBPyConnection, data_dir: Path, exact: bool = False) -> "VectorIndex":
+        meta = catalog.meta(con)
+        relative = meta.get("vector_index")
         path = data_dir / relative if relative else None
         if path is None or not path.exists():
             raise SearchError(f"no vector index in {data_dir}: run `clipgram ingest` (its publish "
                               f"stage writes one) with a CLIP model")
-        return cls(np.load(path, mmap_mode="r"))
+        matrix = np.load(path, mmap_mode="r")
+        approximate = None if exact or not meta.get("ann_index") else ann.load(data_dir / meta["ann_index"], len(matrix))
+        return cls(matrix, approximate)
 
     def top(self, query: np.ndarray, k: int, rows: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the `k` best rows, restricted to `rows` when given, best first."""
+        query = query.astype(np.float32)
+        if self.approximate is not None and (rows is None or len(rows) >= ann.EXACT_BELOW):
+            found = self.approximate.candidates(query, max(ann.CANDIDATES, 4 * k), rows)
+            if len(found) >= min(k, len(self.matrix) if rows is None else len(rows)):
+                return self._exact(query, k, np.sort(found))
+        return self._exact(query, k, rows)
+
+    def _exact(self, query: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         # a filter's rows only: scoring every row and then dropping most is the slow way round
-        scores = (self.matrix if rows is None else self.matrix[rows]) @ query.astype(np.float32)
+        scores = (self.matrix if rows is None else self.matrix[rows]) @ query
         k = min(k, len(scores))
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -430,12 +443,13 @@ MODES = ("auto", "clip", "captions", "hybrid")
 
 def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k: int = 10,
            mode: str = "auto", filters: Filters | None = None,
-           encoder: Encoder | None = None, text: TextIndex | None = None
+           encoder: Encoder | None = None, text: TextIndex | None = None, exact: bool = False
            ) -> tuple[str, list[Hit]]:
     """Run a search; returns the mode it ran in (auto resolved) and the hits, best first.
 
     auto = hybrid for a query of positive text terms when captions exist, else CLIP. `text`:
     the catalog's BM25 held in memory, for a process that keeps it (else read per query).
+    `exact`: scan every vector even where the library has an approximate index (ann.py).
     """
     filters = filters or Filters()
     text_only = all(t.kind == "text" and t.weight > 0 for t in terms)
@@ -446,7 +460,7 @@ def search(con: duckdb.DuckDBPyConnection, data_dir: Path, terms: list[Term], k:
     words = " ".join(t.value for t in terms)
     if mode == "captions":
         return mode, _hits(con, data_dir, caption_ranking(con, words, k, filters, text))
-    index = VectorIndex.open(con, data_dir)
+    index = VectorIndex.open(con, data_dir, exact)
     vector = query_vector(con, index, terms, encoder)
     exclude = {t.value for t in terms if t.kind == "like"}  # an image is trivially like itself
     by_vector = vector_ranking(con, index, vector, k if mode == "clip" else max(RRF_POOL, k), filters, exclude)

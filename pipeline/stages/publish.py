@@ -8,15 +8,18 @@ built, so publish rebuilds it every time something changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
-from clipgram import catalog, storage, tables
+from clipgram import ann, catalog, storage, tables
 from clipgram.result import StageResult
 from clipgram.search import write_matrix
 
@@ -25,28 +28,40 @@ log = logging.getLogger("clipgram")
 
 
 def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerprint: str,
-                        dim: int | None) -> str | None:
-    """Materialise the searchable vectors: `search_rows` (row → media_id) and a float32 .npy matrix.
+                        clip_id: str | None, dim: int | None, ann_threshold: int | None) -> tuple[str | None, str | None]:
+    """Materialise the searchable vectors: `search_rows` (row → media_id), a float32 .npy
+    matrix and, from `ann_threshold` rows, the approximate index (ann.py): their paths.
 
     Search memory-maps the matrix instead of scanning Parquet (about 8× faster);
-    publish rewrites it whenever a table part changes, so it is never stale.
+    publish rewrites it whenever a table part changes, so it is never stale. The approximate
+    index is named by the rows and model it holds, and kept while they do not change.
     """
     con.execute("""CREATE TABLE search_rows AS
                    SELECT (row_number() OVER (ORDER BY i.media_id) - 1)::INTEGER AS row, i.media_id, i.sha256
                    FROM images i JOIN embeddings e USING (sha256)""")
     if not dim:
-        return None
+        return None, None
     relative = f"{INDEX_DIR}/{fingerprint[:16]}.npy"
     count = con.execute("SELECT count(*) FROM search_rows").fetchone()[0]
     reader = con.execute("""SELECT e.embedding FROM search_rows r JOIN embeddings e USING (sha256)
                             ORDER BY r.row""")
     write_matrix(data_dir / relative, count, dim, reader.to_arrow_reader(65536))
-    return relative
+    if ann_threshold is None or count < ann_threshold:
+        return relative, None
+    holds = con.execute("SELECT md5(string_agg(media_id || sha256, ',' ORDER BY row)) FROM search_rows"
+                        ).fetchone()[0]
+    approximate = f"{INDEX_DIR}/{hashlib.sha256(f'{holds}|{clip_id}'.encode()).hexdigest()[:16]}{ann.SUFFIX}"
+    if not (data_dir / approximate).exists():
+        started = time.perf_counter()
+        ann.build(np.load(data_dir / relative, mmap_mode="r"), data_dir / approximate)
+        log.info("approximate index of %d images built in %.0f s", count, time.perf_counter() - started)
+    return relative, approximate
 
 
-def _drop_stale_indexes(data_dir: Path, keep: str | None) -> None:
-    for path in (data_dir / INDEX_DIR).glob("*.npy"):
-        if keep is None or path != data_dir / keep:
+def _drop_stale_indexes(data_dir: Path, keep: set[str | None]) -> None:
+    kept = {data_dir / k for k in keep if k}
+    for path in (*(data_dir / INDEX_DIR).glob("*.npy"), *(data_dir / INDEX_DIR).glob(f"*{ann.SUFFIX}")):
+        if path not in kept:
             path.unlink(missing_ok=True)  # readers that mapped it keep their copy until closed
 
 
@@ -66,14 +81,15 @@ def _published(data_dir: Path) -> dict[str, Any]:
 
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
             captioner_id: str | None, account: str = "*", force: bool = False,
-            quiet: bool = False) -> StageResult:
+            quiet: bool = False, ann_threshold: int | None = None) -> StageResult:
     """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
 
     Skipped when no table part and no model changed since the last publish. `quiet`: no log
-    line (a stage that publishes on the way says so itself).
+    line (a stage that publishes on the way says so itself). `ann_threshold`: from how many
+    images to build the approximate index too (None: never).
     """
     final = data_dir / catalog.CATALOG
-    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout())
+    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold)
     if not force and _published(data_dir).get("fingerprint") == fingerprint:
         result = StageResult("publish", account, note="catalog up to date")
         return result if quiet else result.log()
@@ -84,12 +100,12 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.execute(f"SET file_search_path = '{data_dir}'")
         for name, sql in catalog.view_sql(data_dir, clip_id, dim, captioner_id).items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
-        index = _write_vector_index(con, data_dir, fingerprint, dim)
+        index, approximate = _write_vector_index(con, data_dir, fingerprint, clip_id, dim, ann_threshold)
         con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
             ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
             ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index],
-            ["layout", catalog.layout()]])
+            ["ann_index", approximate], ["layout", catalog.layout()]])
         # FTS indexes tables, not views: materialise one document per image
         con.execute("""
             CREATE TABLE documents AS
@@ -110,8 +126,9 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.close()
     os.replace(tmp, final)
     (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
-    _drop_stale_indexes(data_dir, index)
-    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id})
+    _drop_stale_indexes(data_dir, {index, approximate})
+    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id,
+                             "ann_threshold": ann_threshold})
     result = StageResult("publish", account, done=documents, note="searchable images")
     return result if quiet else result.log()
 
@@ -141,4 +158,4 @@ def republish(data_dir: Path, account: str = "*", force: bool = False, quiet: bo
             models = catalog.meta(con)
     dim = models.get("clip_dim")
     return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
-                   models.get("captioner"), account, force, quiet)
+                   models.get("captioner"), account, force, quiet, models.get("ann_threshold"))

@@ -1,0 +1,81 @@
+"""The approximate index (clipgram/ann.py): against the exact scan, filtered and not, and how
+publish builds, keeps and drops it."""
+
+import numpy as np
+import pytest
+
+from clipgram import ann, catalog, search
+from clipgram.stages import publish
+
+
+def clustered(count: int, seed: int) -> np.ndarray:
+    """Unit vectors spread as CLIP's roughly are (bench.search.clustered_unit_vectors: 512-d)."""
+    from bench.search import DIM, clustered_unit_vectors
+
+    return np.concatenate(list(clustered_unit_vectors(count, DIM, seed)))
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory):
+    matrix = clustered(60_000, 1)
+    path = ann.build(matrix, tmp_path_factory.mktemp("ann") / f"vectors{ann.SUFFIX}")
+    return search.VectorIndex(matrix), search.VectorIndex(matrix, ann.load(path, len(matrix))), path
+
+
+def _recall(found, exact):
+    return np.mean([len(np.intersect1d(f, e)) / len(e) for f, e in zip(found, exact)])
+
+
+def test_the_approximate_top_k_is_the_exact_one_with_exact_scores(indexes):
+    exact, approximate, _ = indexes
+    assert approximate.approximate is not None
+    queries = clustered(40, 2)
+    found = [approximate.top(q, 10) for q in queries]
+    truth = [exact.top(q, 10)[0] for q in queries]
+    assert _recall([rows for rows, _ in found], truth) >= 0.95
+    for (rows, scores), q in zip(found, queries):  # re-ranked with the full-precision vectors
+        np.testing.assert_allclose(scores, exact.matrix[rows] @ q, rtol=1e-6)
+        assert list(scores) == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.01])
+def test_a_filtered_search_returns_the_top_k_of_the_filtered_rows(indexes, share):
+    """Half the rows: the index searches among them only; 1 %: fewer than EXACT_BELOW, scanned."""
+    exact, approximate, _ = indexes
+    rng = np.random.default_rng(3)
+    allowed = np.sort(rng.choice(len(exact.matrix), int(share * len(exact.matrix)), replace=False))
+    queries = clustered(20, 4)
+    found = [approximate.top(q, 10, allowed)[0] for q in queries]
+    truth = [exact.top(q, 10, allowed)[0] for q in queries]
+    assert all(np.isin(f, allowed).all() and len(f) == 10 for f in found)
+    assert _recall(found, truth) >= (0.95 if len(allowed) >= ann.EXACT_BELOW else 1.0)
+
+
+def test_a_torn_index_is_not_used(indexes, tmp_path):
+    _, _, path = indexes
+    torn = tmp_path / f"torn{ann.SUFFIX}"
+    torn.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    assert ann.load(torn, 60_000) is None
+    assert ann.load(path, 59_999) is None  # built over another matrix
+    assert ann.load(tmp_path / "missing.faiss", 60_000) is None
+
+
+def test_publish_builds_keeps_and_drops_the_index(tmp_path):
+    from bench.app import build_library, library_settings
+
+    data = tmp_path / "data"
+    _, model_id, dim = library_settings(data)
+    build_library(data, 2_000, model_id, dim)
+    publish.publish(data, model_id, dim, None, ann_threshold=1_000)
+    with catalog.connect(data) as con:
+        built = catalog.meta(con)["ann_index"]
+        index = search.VectorIndex.open(con, data)
+        assert index.approximate is not None and search.VectorIndex.open(con, data, exact=True).approximate is None
+    stamp = (data / built).stat().st_mtime_ns
+    publish.republish(data, force=True)  # nothing about the vectors changed: the index is kept
+    with catalog.connect(data) as con:
+        assert catalog.meta(con)["ann_index"] == built and (data / built).stat().st_mtime_ns == stamp
+    publish.publish(data, model_id, dim, None, ann_threshold=5_000)  # now below the threshold
+    with catalog.connect(data) as con:
+        assert catalog.meta(con)["ann_index"] is None and search.VectorIndex.open(con, data).approximate is None
+    assert not (data / built).exists()
