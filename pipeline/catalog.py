@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from clipgram import storage, tables
 from clipgram.analysis import derived
@@ -118,15 +119,17 @@ MACROS = [
        ORDER BY d.score DESC, i.media_id LIMIT k""",
 ]
 # Macros over the CLIP UDFs: created per connection once `register_udfs` has made the UDFs.
+# They rank with the vector index a search uses (clip_nearest: the exact scan, or the
+# approximate index of a big library), not by scanning the embeddings' Parquet.
 _UDF_MACROS = [
     """CREATE OR REPLACE TEMP MACRO search_text(q, k) AS TABLE
-       SELECT i.*, array_cosine_similarity(e.embedding, clip_text(q)) AS score
-       FROM images i JOIN embeddings e USING (sha256)
-       ORDER BY score DESC, i.media_id LIMIT k""",
+       SELECT i.*, h.score FROM (SELECT unnest(clip_nearest(clip_text(q), k), recursive := true)) h
+       JOIN search_rows r USING (row) JOIN images i USING (media_id)
+       ORDER BY h.score DESC, i.media_id LIMIT k""",
     """CREATE OR REPLACE TEMP MACRO search_image(file, k) AS TABLE
-       SELECT i.*, array_cosine_similarity(e.embedding, clip_image(file)) AS score
-       FROM images i JOIN embeddings e USING (sha256)
-       ORDER BY score DESC, i.media_id LIMIT k""",
+       SELECT i.*, h.score FROM (SELECT unnest(clip_nearest(clip_image(file), k), recursive := true)) h
+       JOIN search_rows r USING (row) JOIN images i USING (media_id)
+       ORDER BY h.score DESC, i.media_id LIMIT k""",
 ]
 
 @lru_cache(maxsize=1)
@@ -207,6 +210,7 @@ def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
 # no CLIP function never loads a model. Connections to one file in one process share one DuckDB
 # database and its UDFs, so the functions are registered once and look the loader up here.
 _UDF_ENCODER: dict[str, Callable[[], Any]] = {}  # model id → loader (which loads once)
+_UDF_INDEX: dict[str, Any] = {}  # model id → the catalog's search.VectorIndex
 
 
 @lru_cache(maxsize=256)  # DuckDB may call a scalar UDF once per row, even for a constant
@@ -233,17 +237,27 @@ def clip_image(path: str) -> list[float]:
     return _encode_image(next(iter(_UDF_ENCODER)), path)
 
 
+def clip_nearest(vector: list[float], k: int) -> list[dict[str, Any]]:
+    rows, scores = _UDF_INDEX[next(iter(_UDF_INDEX))].top(np.asarray(vector, dtype=np.float32), int(k))
+    return [{"row": int(r), "score": float(s)} for r, s in zip(rows, scores)]
+
+
 def register_udfs(con: duckdb.DuckDBPyConnection, model: str, dim: int,
-                  load: Callable[[], Any]) -> None:
+                  load: Callable[[], Any], index: Any) -> None:
     """CLIP in plain SQL: `clip_text(text)` and `clip_image(path)` → FLOAT[dim] unit vectors,
-    and the table macros `search_text(q, k)` and `search_image(path, k)` built on them.
-    `load()` gives the encoder of `model`; it is called when a query first needs it."""
+    `clip_nearest(vector, k)` → the k nearest [{row, score}] of `index` (the catalog's
+    search.VectorIndex), and the table macros `search_text(q, k)` and `search_image(path, k)`
+    built on them. `load()` gives the encoder of `model`; it is called when a query first needs it."""
     _UDF_ENCODER.clear()
     _UDF_ENCODER[model] = load
+    _UDF_INDEX.clear()
+    _UDF_INDEX[model] = index
     vector = duckdb.sqltype(f"FLOAT[{dim}]")
-    for function in (clip_text, clip_image):
+    nearest = duckdb.list_type(duckdb.struct_type({"row": "INTEGER", "score": "FLOAT"}))
+    for function, args, returns in ((clip_text, ["VARCHAR"], vector), (clip_image, ["VARCHAR"], vector),
+                                    (clip_nearest, [vector, "INTEGER"], nearest)):
         try:
-            con.create_function(function.__name__, function, [duckdb.sqltype("VARCHAR")], vector,
+            con.create_function(function.__name__, function, [duckdb.sqltype(str(a)) for a in args], returns,
                                 side_effects=False)
         except duckdb.CatalogException:
             pass  # registered by an earlier connection of this process to the same database

@@ -199,7 +199,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     stored = catalog.meta(con)
     if stored.get("clip_model") and stored.get("clip_dim"):
         catalog.register_udfs(con, stored["clip_model"], int(stored["clip_dim"]),
-                              lambda: _encoder(cfg))
+                              lambda: _encoder(cfg), search.VectorIndex.open(con, cfg.data_dir))
     if args.query:
         _run_sql(con, args.query, _format(args))
         return 0

@@ -248,7 +248,11 @@ class VectorIndex:
 
     @classmethod
     def open(cls, con: duckdb.DuckDBPyConnection, data_dir: Path, exact: bool = False) -> "VectorIndex":
-        meta = catalog.meta(con)
+        return cls.of(catalog.meta(con), data_dir, exact)
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], data_dir: Path, exact: bool = False) -> "VectorIndex":
+        """The index a catalog's `meta` (clipgram_meta) names."""
         relative = meta.get("vector_index")
         path = data_dir / relative if relative else None
         if path is None or not path.exists():

@@ -79,3 +79,21 @@ def test_publish_builds_keeps_and_drops_the_index(tmp_path):
     with catalog.connect(data) as con:
         assert catalog.meta(con)["ann_index"] is None and search.VectorIndex.open(con, data).approximate is None
     assert not (data / built).exists()
+
+
+def test_sql_ranks_with_the_index_a_search_uses(tmp_path, capsys):
+    import json
+
+    from bench.app import build_library, library_settings
+    from clipgram.cli import main
+
+    data = tmp_path / "data"
+    _, model_id, dim = library_settings(data)
+    build_library(data, 2_000, model_id, dim)
+    publish.publish(data, model_id, dim, None, ann_threshold=1_000)
+    nearest = ("SELECT row, score FROM (SELECT unnest(clip_nearest((SELECT embedding FROM embeddings "
+               "JOIN search_rows USING (sha256) WHERE row = 7), 3), recursive := true))")
+    assert main(["sql", nearest, "--data-dir", str(data), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["row"] == 7 and rows[0]["score"] == pytest.approx(1.0, abs=1e-5) and len(rows) == 3
+    assert catalog._UDF_INDEX[model_id].approximate is not None  # the approximate index answered

@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from clipgram import catalog
+from clipgram import catalog, search
 from clipgram.errors import ClipgramError
 
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
@@ -96,10 +96,10 @@ def _open(data_dir: Path, load_encoder: Callable[[], Any]) -> duckdb.DuckDBPyCon
     for name, view in catalog.view_sql(data_dir, clip_id, int(dim) if dim else None,
                                        stored.get("captioner"), root).items():
         con.execute(f"CREATE VIEW {name} AS {view}")
-    if clip_id and dim:
-        catalog.register_udfs(con, clip_id, int(dim), load_encoder)
     con.execute(f"SET search_path = 'memory.main,{catalog.CATALOG_NAME}.main,"
                 f"{catalog.CATALOG_NAME}.fts_main_documents'")
+    if clip_id and dim:  # their macros read the catalog's search_rows: after the search path
+        catalog.register_udfs(con, clip_id, int(dim), load_encoder, search.VectorIndex.of(stored, data_dir))
     con.execute(f"SET allowed_directories = ['{root}/']")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
