@@ -340,6 +340,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """List the unreadable files of the tables (doctor); with repair, move them to quarantine/."""
+    from clipgram import doctor
+
+    cfg = _config(args)
+    problems = doctor.check(cfg.data_dir)
+    if not problems:
+        log.info("every file under %s reads", cfg.data_dir / "tables")
+        return 0
+    if not args.repair:
+        report.print_rows(["file", "problem"], [[str(p.path), p.what] for p in problems], _format(args))
+        log.warning("%d unreadable file(s): `%s` moves them into %s/ (nothing is deleted)", len(problems),
+                    next_steps(cfg.data_dir, [["repair"]])[0], doctor.QUARANTINE)
+        return 1
+    moved = doctor.repair(cfg.data_dir, problems)
+    report.print_rows(["file", "problem", "moved to"],
+                      [[str(p.path), p.what, str(m.relative_to(cfg.data_dir))] for p, m in zip(problems, moved)],
+                      _format(args))
+    accounts = sorted({part.split("=", 1)[1] for p in problems for part in p.path.parts
+                       if part.startswith("account=")}) or ["ACCOUNT"]
+    log.info("moved %d file(s) into %s/; to redo the rows they held: %s", len(moved), doctor.QUARANTINE,
+             "; ".join(next_steps(cfg.data_dir, [["rerun", "--account", a] for a in accounts])))
+    return 0
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     from clipgram import rerun
 
@@ -553,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sql-timeout", type=float, default=10.0, metavar="S",
                    help="--allow-sql: seconds a statement may run")
     p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("doctor", parents=[common, out], help="list the files of the tables that do not read")
+    p.set_defaults(func=cmd_doctor, repair=False)
+    p = sub.add_parser("repair", parents=[common, out],
+                       help="move the files that do not read into quarantine/, for a rerun to redo their rows")
+    p.set_defaults(func=cmd_doctor, repair=True)
 
     p = sub.add_parser("rerun", parents=[common, fetching],
                        help="rerun failed or pending stages of an account")

@@ -1,0 +1,66 @@
+"""Unreadable files in a library's tables, found (`clipgram doctor`) and moved aside (`clipgram
+repair`).
+
+A Parquet part cut short (a machine that crashed, a copy or a sync tool interrupted), a
+zero-byte part, a file that is not Parquet at all, or a temp file an interrupted write left:
+each is named with what is wrong. Repair moves them, never deletes them, into `quarantine/`
+under the data directory, keeping their paths; the stages compute their to-do lists from the
+tables, so a rerun redoes exactly the rows the moved parts held.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path      # relative to the data directory
+    what: str
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with one file under tables/, or None when it reads as a Parquet part."""
+    if path.name.startswith(".") and ".tmp" in path.name:
+        return "left by a write that was interrupted"
+    if path.suffix != ".parquet":
+        return "not a Parquet part (a stray file)"
+    if path.stat().st_size == 0:
+        return "empty (zero bytes)"
+    try:
+        pq.read_table(path)  # every page, not only the footer: a part can be torn in the middle
+    except (pa.ArrowException, OSError) as e:
+        return f"does not read: {str(e).splitlines()[0]}"
+    return None
+
+
+def check(data_dir: Path) -> list[Problem]:
+    """Every file under tables/ that is not a readable Parquet part, in path order."""
+    found = []
+    for path in sorted((data_dir / "tables").rglob("*")):
+        if path.is_file() and (what := _problem(path)) is not None:
+            found.append(Problem(path.relative_to(data_dir), what))
+    return found
+
+
+def repair(data_dir: Path, problems: list[Problem]) -> list[Path]:
+    """Move each problem file to quarantine/<its path> (a numbered name if one is there
+    already); the paths they were moved to."""
+    moved = []
+    for problem in problems:
+        target = data_dir / QUARANTINE / problem.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while target.exists():
+            target = target.with_name(f"{problem.path.name}.{n}")
+            n += 1
+        shutil.move(data_dir / problem.path, target)
+        moved.append(target)
+    return moved
