@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
+import pyarrow as pa
 
 from clipgram import catalog, dag, query, report, search, status, storage
 from clipgram.config import CONFIG_DIR, Config, ConfigError, defaults, load_config
@@ -617,9 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
-    # ours say what to do; duckdb.Error is the user's own SQL, FileNotFoundError a path they named
-    except (ClipgramError, duckdb.Error, FileNotFoundError) as e:
+    # ours say what to do; duckdb.Error is the user's own SQL or a table file that does not
+    # read (then doctor says what to do), FileNotFoundError a path they named
+    except (ClipgramError, duckdb.Error, pa.ArrowException, FileNotFoundError) as e:
+        from clipgram import doctor
+
         print(f"error: {e}", file=sys.stderr)
+        if (what := doctor.advice(e)) is not None:
+            print(f"  {what}", file=sys.stderr)
+        elif isinstance(e, pa.ArrowException):
+            raise
         return 2
 
 

@@ -10,6 +10,7 @@ tables, so a rerun redoes exactly the rows the moved parts held.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,3 +65,18 @@ def repair(data_dir: Path, problems: list[Problem]) -> list[Path]:
         shutil.move(data_dir / problem.path, target)
         moved.append(target)
     return moved
+
+
+# how DuckDB and Arrow name a file they could not read as Parquet
+_UNREADABLE = re.compile(r"(magic bytes|Parquet|parquet|thrift|Invalid Input Error|Corrupt)")
+_TABLE_FILE = re.compile(r"(/\S*?tables/[^'\"\s*]+\.parquet)")  # a file, not a glob
+
+
+def advice(error: BaseException) -> str | None:
+    """For an error about a file under tables/ that does not read: what to do about it."""
+    text = str(error)
+    found = _TABLE_FILE.search(text)
+    if found is None or not _UNREADABLE.search(text):
+        return None
+    return (f"{found.group(1)} does not read (torn, empty or not Parquet): `clipgram doctor` lists every "
+            f"such file, `clipgram repair` moves them into {QUARANTINE}/, and a rerun redoes their rows")

@@ -28,6 +28,10 @@ def test_doctor_names_unreadable_files_and_repair_moves_them_for_a_rerun(ingeste
     (part.parent / ".part-x.parquet.1234.tmp").write_bytes(b"half")
     base = ["--data-dir", str(data), "--clip-model", "tiny", "--captioner", "tiny", "--device", "cpu"]
 
+    for command in (["status"], ["search", "a red square"]):  # they name the file and what to do
+        assert main([*command, *base]) == 2
+        err = capsys.readouterr().err
+        assert (part.name in err or empty.name in err) and "clipgram doctor" in err and "Traceback" not in err
     assert main(["doctor", *base, "--json"]) == 1
     listed = {r["file"]: r["problem"] for r in json.loads(capsys.readouterr().out)}
     assert len(listed) == 4 and "does not read" in listed[str(part.relative_to(data))]
