@@ -78,6 +78,8 @@ def test_publish_builds_keeps_and_drops_the_index(tmp_path):
     publish.publish(data, model_id, dim, None, ann_threshold=5_000)  # now below the threshold
     with catalog.connect(data) as con:
         assert catalog.meta(con)["ann_index"] is None and search.VectorIndex.open(con, data).approximate is None
+    assert (data / built).exists()  # kept one more publish, for a reader of the replaced catalog
+    publish.republish(data, force=True)
     assert not (data / built).exists()
 
 

@@ -90,7 +90,8 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     """
     final = data_dir / catalog.CATALOG
     fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold)
-    if not force and _published(data_dir).get("fingerprint") == fingerprint:
+    previous = _published(data_dir)
+    if not force and previous.get("fingerprint") == fingerprint:
         result = StageResult("publish", account, note="catalog up to date")
         return result if quiet else result.log()
     tmp = data_dir / f".{catalog.CATALOG}.tmp"
@@ -126,7 +127,9 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.close()
     os.replace(tmp, final)
     (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
-    _drop_stale_indexes(data_dir, {index, approximate})
+    # the replaced catalog's index files stay one more generation: a reader that opened it
+    # just before the swap reads the files it names a moment later
+    _drop_stale_indexes(data_dir, {index, approximate, previous.get("vector_index"), previous.get("ann_index")})
     _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id,
                              "ann_threshold": ann_threshold})
     result = StageResult("publish", account, done=documents, note="searchable images")
