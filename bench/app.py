@@ -50,13 +50,14 @@ def library_settings(data_dir: Path) -> tuple[Config, str, int]:
     return cfg, encoder.id, int(encoder.encode_text(["x"]).shape[1])
 
 
-def build_library(data_dir: Path, images: int, model_id: str, dim: int) -> None:
+def build_library(data_dir: Path, images: int, model_id: str, dim: int, first: int = 0) -> None:
+    """`images` posts of one picture each, numbered from `first` (a later call adds a part)."""
     picture = data_dir / "media" / "00" / "bench.jpg"
-    picture.parent.mkdir(parents=True)
+    picture.parent.mkdir(parents=True, exist_ok=True)
     synthetic.render(synthetic.Scene("circle", "red", "blue"), 640, random.Random(0)).save(picture, quality=90)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     posts, media, shas = [], [], []
-    for i in range(images):
+    for i in range(first, first + images):
         shortcode = f"B{i:07d}"
         scene = synthetic.all_scenes()[i % len(synthetic.all_scenes())]
         posts.append(tables.post_row(shortcode=shortcode, post_id=i, owner_username=ACCOUNT,
@@ -71,7 +72,7 @@ def build_library(data_dir: Path, images: int, model_id: str, dim: int) -> None:
                       "bytes": picture.stat().st_size})
     tables.write_part(data_dir, tables.POSTS, ACCOUNT, posts)
     tables.write_part(data_dir, tables.MEDIA, ACCOUNT, media)
-    vectors = np.concatenate(list(random_unit_vectors(images, dim, seed=1)))
+    vectors = np.concatenate(list(random_unit_vectors(images, dim, seed=1 + first)))
     tables.write_part(data_dir, tables.EMBEDDINGS, model_id,
                       ({"sha256": s, "embedding": v, "error": None} for s, v in zip(shas, vectors.tolist())))
 

@@ -9,8 +9,10 @@ CANDIDATES rows and ranks those again with the full-precision matrix, so every s
 and only which rows are considered is approximate. A filter's rows go to faiss as a bitmap
 selector; a filter that leaves fewer than EXACT_BELOW rows, or an index that finds fewer than
 k of them, is answered by the exact scan of those rows. The file is named by the vectors it
-holds (`key`), so a republish that changes no vector keeps it; a file that is missing or does
-not read means the exact scan, never a wrong answer.
+holds, so a republish that changes no vector keeps it, and a publish that only appends rows
+(publish keeps each image's row) adds them to the previous index's lists instead of training
+new ones, until the library has doubled; a file that is missing or does not read means the
+exact scan, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CANDIDATES = 100        # rows re-ranked exactly, at least; 4·k for a bigger k
 EXACT_BELOW = 20_000    # a filter leaving fewer rows is scanned exactly (2 ms at 512-d)
 TRAIN_PER_LIST = 40     # k-means sample: faiss wants 30 to 256 points per list
 CHUNK = 65_536
+GROWTH = 2            # an index is extended until the library doubles, then built anew
 
 
 def lists_for(count: int) -> int:
@@ -45,7 +48,38 @@ def build(matrix: np.ndarray, path: Path) -> Path:
     index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(0).choice(count, min(count, TRAIN_PER_LIST * nlist), replace=False))
     index.train(np.ascontiguousarray(matrix[sample], dtype=np.float32))
-    for start in range(0, count, CHUNK):  # from the memory map, a block at a time
+    return _fill(index, matrix, path)
+
+
+def extendable(previous: Path, count: int) -> int | None:
+    """How many rows the index at `previous` holds, when rows appended to them up to `count`
+    can go into its lists as they are; None when it does not read, or when the library has
+    more than doubled since its lists were drawn (they would grow long and unbalanced)."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(previous), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return None
+    if index.ntotal > count or lists_for(count) ** 2 > GROWTH * index.nlist ** 2:
+        return None
+    return int(index.ntotal)
+
+
+def extend(previous: Path, matrix: np.ndarray, path: Path) -> Path:
+    """The index at `previous` (over the first rows of `matrix`) with the rest of `matrix`
+    added to its lists, written to `path`; `previous` stays as it was."""
+    import faiss
+
+    return _fill(faiss.read_index(str(previous)), matrix, path)
+
+
+def _fill(index: Any, matrix: np.ndarray, path: Path) -> Path:
+    """Add the rows of `matrix` past those `index` holds, a block at a time (from the memory
+    map), and write it atomically."""
+    import faiss
+
+    for start in range(index.ntotal, len(matrix), CHUNK):
         index.add(np.ascontiguousarray(matrix[start:start + CHUNK], dtype=np.float32))
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faiss.write_index(index, str(partial))

@@ -279,7 +279,7 @@ class VectorIndex:
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.lexsort((best, -scores[best]))]  # by score, ties by row (= media id order)
+        best = best[np.lexsort((best, -scores[best]))]  # by score, ties by row (the order images were published in)
         return (rows[best] if rows is not None else best), scores[best]
 
 
@@ -411,7 +411,8 @@ def vector_ranking(con: duckdb.DuckDBPyConnection, index: VectorIndex, vector: n
         return []
     ids = dict(con.execute(f"SELECT row, media_id FROM search_rows WHERE row IN {one_of(rows.tolist())}"
                            ).fetchall())
-    return [(ids[r], float(s), r) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
+    found = [(ids[r], float(s), r) for r, s in zip(rows.tolist(), scores) if ids[r] not in exclude][:k]
+    return sorted(found, key=lambda hit: (-hit[1], hit[0]))  # ties by media id, whatever the rows
 
 
 def caption_ranking(con: duckdb.DuckDBPyConnection, query: str, k: int, filters: Filters,

@@ -99,3 +99,34 @@ def test_sql_ranks_with_the_index_a_search_uses(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["row"] == 7 and rows[0]["score"] == pytest.approx(1.0, abs=1e-5) and len(rows) == 3
     assert catalog._UDF_INDEX[model_id].approximate is not None  # the approximate index answered
+
+
+def test_publish_extends_the_index_when_images_are_only_added(tmp_path, caplog):
+    """New images get new rows after the old ones, whatever their media ids: the index gains
+    their vectors in its lists; a library that doubles gets one trained anew."""
+    from bench.app import build_library, library_settings
+
+    data = tmp_path / "data"
+    _, model_id, dim = library_settings(data)
+    build_library(data, 2_000, model_id, dim, first=1_000)
+    publish.publish(data, model_id, dim, None, ann_threshold=1_000)
+    with catalog.connect(data) as con:
+        first = catalog.meta(con)["ann_index"]
+        rows = dict(con.execute("SELECT media_id, row FROM search_rows").fetchall())
+    build_library(data, 500, model_id, dim, first=0)  # media ids that sort before the others
+    with caplog.at_level("INFO", logger="clipgram"):
+        publish.publish(data, model_id, dim, None, ann_threshold=1_000)
+    assert "approximate index extended by 500 images" in caplog.text
+    with catalog.connect(data) as con:
+        extended = catalog.meta(con)["ann_index"]
+        assert extended != first and (data / first).exists()  # the replaced catalog's, one more publish
+        assert dict(con.execute("SELECT media_id, row FROM search_rows WHERE row < 2000").fetchall()) == rows
+        exact, approximate = search.VectorIndex.open(con, data, exact=True), search.VectorIndex.open(con, data)
+        assert approximate.approximate.index.ntotal == 2_500
+        for row in range(2_000, 2_500, 25):  # an added image is found by its own vector
+            assert approximate.top(np.asarray(exact.matrix[row]), 1)[0][0] == row
+    caplog.clear()
+    build_library(data, 2_000, model_id, dim, first=3_000)
+    with caplog.at_level("INFO", logger="clipgram"):
+        publish.publish(data, model_id, dim, None, ann_threshold=1_000)
+    assert "approximate index of 4500 images built" in caplog.text

@@ -28,17 +28,23 @@ log = logging.getLogger("clipgram")
 
 
 def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerprint: str,
-                        clip_id: str | None, dim: int | None, ann_threshold: int | None) -> tuple[str | None, str | None]:
+                        clip_id: str | None, dim: int | None, ann_threshold: int | None,
+                        previous: dict[str, Any]) -> tuple[str | None, str | None]:
     """Materialise the searchable vectors: `search_rows` (row → media_id), a float32 .npy
     matrix and, from `ann_threshold` rows, the approximate index (ann.py): their paths.
 
     Search memory-maps the matrix instead of scanning Parquet (about 8× faster);
-    publish rewrites it whenever a table part changes, so it is never stale. The approximate
-    index is named by the rows and model it holds, and kept while they do not change.
+    publish rewrites it whenever a table part changes, so it is never stale. An image keeps
+    the row the `previous` catalog gave it and new images come after, so that a publish that
+    adds images only appends rows. The approximate index is named by the rows and model it
+    holds: kept while they do not change, extended when rows were only appended.
     """
-    con.execute("""CREATE TABLE search_rows AS
-                   SELECT (row_number() OVER (ORDER BY i.media_id) - 1)::INTEGER AS row, i.media_id, i.sha256
-                   FROM images i JOIN embeddings e USING (sha256)""")
+    con.execute(f"""CREATE TABLE search_rows AS
+                    SELECT (row_number() OVER (ORDER BY p.row NULLS LAST, i.media_id) - 1)::INTEGER AS row,
+                           i.media_id, i.sha256
+                    FROM images i JOIN embeddings e USING (sha256)
+                    LEFT JOIN ({_previous_rows(con, data_dir)}) p USING (media_id, sha256)""")
+    con.execute("DETACH DATABASE IF EXISTS previous")
     if not dim:
         return None, None
     relative = f"{INDEX_DIR}/{fingerprint[:16]}.npy"
@@ -48,15 +54,41 @@ def _write_vector_index(con: duckdb.DuckDBPyConnection, data_dir: Path, fingerpr
     write_matrix(data_dir / relative, count, dim, reader.to_arrow_reader(65536))
     if ann_threshold is None or count < ann_threshold:
         return relative, None
-    # which image is in which row: a sum of per-row hashes (one string of every row would be
-    # 800 MB at 10M images)
-    holds = con.execute("SELECT count(*), sum(hash(row, media_id, sha256)) FROM search_rows").fetchone()
-    approximate = f"{INDEX_DIR}/{hashlib.sha256(f'{holds}|{clip_id}'.encode()).hexdigest()[:16]}{ann.SUFFIX}"
-    if not (data_dir / approximate).exists():
-        started = time.perf_counter()
-        ann.build(np.load(data_dir / relative, mmap_mode="r"), data_dir / approximate)
+    approximate = _ann_name(con, count, clip_id)
+    if (data_dir / approximate).exists():
+        return relative, approximate
+    started = time.perf_counter()
+    matrix = np.load(data_dir / relative, mmap_mode="r")
+    earlier = previous.get("ann_index") if previous.get("clip_model") == clip_id else None
+    held = ann.extendable(data_dir / earlier, count) if earlier else None
+    if held is not None and _ann_name(con, held, clip_id) == earlier:  # the same images in its rows
+        ann.extend(data_dir / earlier, matrix, data_dir / approximate)
+        log.info("approximate index extended by %d images in %.1f s", count - held, time.perf_counter() - started)
+    else:
+        ann.build(matrix, data_dir / approximate)
         log.info("approximate index of %d images built in %.0f s", count, time.perf_counter() - started)
     return relative, approximate
+
+
+def _previous_rows(con: duckdb.DuckDBPyConnection, data_dir: Path) -> str:
+    """A query of the published catalog's (row, media_id, sha256), attached as `previous`;
+    of no rows when there is none that reads."""
+    try:
+        path = str(data_dir / catalog.CATALOG).replace("'", "''")
+        con.execute(f"ATTACH '{path}' AS previous (READ_ONLY)")
+        con.execute("SELECT row, media_id, sha256 FROM previous.search_rows LIMIT 0")
+        return "SELECT row, media_id, sha256 FROM previous.search_rows"
+    except duckdb.Error:  # none yet, torn, or one without vectors
+        con.execute("DETACH DATABASE IF EXISTS previous")
+        return "SELECT NULL::INTEGER AS row, NULL::VARCHAR AS media_id, NULL::VARCHAR AS sha256 LIMIT 0"
+
+
+def _ann_name(con: duckdb.DuckDBPyConnection, rows: int, clip_id: str | None) -> str:
+    """The approximate index's path for the first `rows` rows: named by which image is in
+    which row, as a sum of per-row hashes (one string of every row would be 800 MB at 10M)."""
+    holds = con.execute("SELECT count(*), sum(hash(row, media_id, sha256)) FROM search_rows WHERE row < ?",
+                        [rows]).fetchone()
+    return f"{INDEX_DIR}/{hashlib.sha256(f'{holds}|{clip_id}'.encode()).hexdigest()[:16]}{ann.SUFFIX}"
 
 
 def _drop_stale_indexes(data_dir: Path, keep: set[str | None]) -> None:
@@ -102,7 +134,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         con.execute(f"SET file_search_path = '{data_dir}'")
         for name, sql in catalog.view_sql(data_dir, clip_id, dim, captioner_id).items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
-        index, approximate = _write_vector_index(con, data_dir, fingerprint, clip_id, dim, ann_threshold)
+        index, approximate = _write_vector_index(con, data_dir, fingerprint, clip_id, dim, ann_threshold, previous)
         con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
             ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
