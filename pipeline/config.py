@@ -150,6 +150,7 @@ class OrchestrationSettings:
     dask_workers: Count
     dask_processes: bool
     dask_gpu_resource: str
+    dask_shard_images: Annotated[int, Between(0)]
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,13 @@ def _download(cfg: Config, account: str, origin: Origin) -> StageResult:
 def _embed(cfg: Config, account: str, origin: Origin) -> StageResult:
     from clipgram.stages import embed
 
-    return embed.embed(cfg.data_dir, account, cfg)
+    return embed.run(cfg, account)
 
 
 def _caption(cfg: Config, account: str, origin: Origin) -> StageResult:
     from clipgram.stages import caption
 
-    return caption.caption(cfg.data_dir, account, cfg)
+    return caption.run(cfg, account)
 
 
 def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clipgram import loader, storage, tables
+from clipgram import loader, shards, storage, tables
 from clipgram.lock import partition_lock
 from clipgram.result import StageResult
 
@@ -180,6 +180,7 @@ def run(
     part_rows: int,
     failed_row: Callable[[str], dict[str, Any]] | None = None,
     retry_failed: bool = False,
+    shard: shards.Shard | None = None,
 ) -> StageResult:
     """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows.
 
@@ -189,13 +190,16 @@ def run(
     An image that fails to decode is written as `failed_row(error)` when given,
     else logged and left pending; `retry_failed` takes those failed rows up again
     (rows `model_fn` gives with an error count as failed too). When the stage stops on
-    an error, the rows finished before it are written first.
+    an error, the rows finished before it are written first. `shard`: only the pending images
+    of that shard (shards.py), under the lock its stage's task holds.
     """
     # embeddings and captions are keyed by content and shared by accounts: one writer per
     # model partition, so two accounts that share an image never both find it pending
-    with partition_lock(data_dir, table.name, model_id):
+    with partition_lock(data_dir, table.name, model_id) if shard is None else contextlib.nullcontext():
         todo = pending(data_dir, table, model_id, account, retry_failed and failed_row is not None)
-        result = StageResult(stage, account, note=model_id)
+        if shard is not None:
+            todo = [(sha, path) for sha, path in todo if shards.member(sha, shard)]
+        result = StageResult(stage, account, note=model_id if shard is None else f"{model_id}, shard {shard[0] + 1} of {shard[1]}")
         if not todo:
             return result.log()
         shas = [sha for sha, _ in todo]

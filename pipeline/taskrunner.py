@@ -8,9 +8,11 @@ last one wrote — so the flow waits for each task before submitting the next.
 The account lock stays with the flow process, which holds it for the whole
 run; tasks on workers never take it, so they cannot deadlock on it.
 
-With `dask_gpu_resource` set (e.g. "GPU"), the model stages (embed, caption)
-each need one unit of that worker resource: start one worker per GPU with
-`--resources GPU=1`, and a GPU never runs two models at once.
+A model stage's task splits its to-do list into shard tasks of about
+`dask_shard_images` images (shards.py) that run on every worker at once. With
+`dask_gpu_resource` set (e.g. "GPU"), each shard task (or, with sharding off, each
+model stage's task) needs one unit of that worker resource: start one worker per
+GPU with `--resources GPU=1`, and a GPU never runs two models at once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from clipgram import dag
+from clipgram import dag, shards
 from clipgram.config import Config, ConfigError
 
 log = logging.getLogger("clipgram.taskrunner")
@@ -61,7 +63,7 @@ def _api_url() -> str:
 def _resources(cfg: Config, stage: str) -> Any:
     """The Dask annotation a stage's task is submitted under."""
     name = cfg.orchestration.dask_gpu_resource
-    if not name or not dag.stage(stage).gpu:
+    if not name or not dag.stage(stage).gpu or shards.sharded(cfg):  # its shards need the GPU, not it
         return nullcontext()
     import dask
 

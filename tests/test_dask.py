@@ -47,7 +47,9 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
         executed = [w.state.executed_count for w in dask_cluster.workers.values()]
     assert {a: [r.stage for r in rs] for a, rs in results.items()} == {
         A: list(dag.NAMES), B: list(dag.NAMES)}
-    assert sum(executed) == 2 * len(dag.NAMES)  # every stage ran on a worker, none in the flow
+    # every stage ran on a worker, none in the flow, and each of A's model stages sent one shard
+    # task (B's images are all A's: nothing was left for B's)
+    assert sum(executed) == 2 * len(dag.NAMES) + 2
     (a_start, a_end), (b_start, b_end) = _span(cfg.data_dir, A), _span(cfg.data_dir, B)
     assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
@@ -65,6 +67,34 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
     assert [r.stage for r in again] == list(dag.NAMES)
     assert sum(r.done for r in again) == 0
     assert snapshot(cfg.data_dir) == actual
+
+
+def test_a_model_stage_split_into_shards_over_two_workers_makes_the_tables_of_one_task(
+        prefect_harness, make_config, recorded, tmp_path):
+    reference = make_config(tmp_path / "reference", **SETTINGS)
+    ingest_account(A, reference.as_dict(), str(recorded))
+    expected = snapshot(reference.data_dir)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      resources={"GPU": 1}, dashboard_address=None) as dask_cluster:
+        cfg = make_config(tmp_path / "dask", **SETTINGS, orchestration={
+            "task_runner": "dask", "dask_address": dask_cluster.scheduler_address,
+            "dask_gpu_resource": "GPU", "dask_shard_images": 10})
+        results = {r.stage: r for r in ingest_account(A, cfg.as_dict(), str(recorded))}
+        executed = sum(w.state.executed_count for w in dask_cluster.workers.values())
+    images = len(expected["embeddings"])
+    for stage in ("embed", "caption"):
+        assert results[stage].details["shards"] == -(-images // 10)
+        assert results[stage].done == images  # every image once, over the shards
+    assert executed == len(dag.NAMES) + 2 * -(-images // 10)
+    actual = snapshot(cfg.data_dir)  # raw parts: a row written twice would show
+    for table in ("posts", "media", "captions", "documents"):
+        assert actual[table] == expected[table], table
+    assert [r[:2] for r in actual["embeddings"]] == [r[:2] for r in expected["embeddings"]]
+    np.testing.assert_allclose(np.array([r[2] for r in actual["embeddings"]]),
+                               np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)
+    parts = list((cfg.data_dir / "tables" / "embeddings").rglob("*.parquet"))
+    assert len(parts) >= -(-images // 10)  # each shard wrote its own
 
 
 def test_an_unknown_task_runner_is_a_config_error_naming_the_choices(make_config, tmp_path):

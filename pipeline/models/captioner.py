@@ -99,11 +99,19 @@ class Captioner:
 
 
 @lru_cache(maxsize=2)
+def _resolved(spec: str, default: str, cache_dir: str) -> resolve.Resolved:
+    return resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_COCA, cache_dir=model_cache_dir(cache_dir))
+
+
+@lru_cache(maxsize=2)
 def _captioner(spec: str, default: str, cache_dir: str, device: str, precision: str,
                decoding: Decoding) -> Captioner:
-    resolved = resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_COCA,
-                               cache_dir=model_cache_dir(cache_dir))
-    return Captioner(resolved, pick_device(device), decoding=decoding, precision=precision)
+    return Captioner(_resolved(spec, default, cache_dir), pick_device(device), decoding=decoding, precision=precision)
+
+
+def model_id(models: ModelSettings) -> str:
+    """The id of the captioner the `[models]` settings name, without loading it."""
+    return _resolved(models.captioner, models.default_captioner, models.cache_dir).id
 
 
 def from_config(models: ModelSettings, caption: CaptionSettings) -> Captioner:

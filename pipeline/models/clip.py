@@ -77,14 +77,22 @@ class ClipEncoder:
 
 
 @lru_cache(maxsize=4)
+def _resolved(spec: str, default: str, cache_dir: str) -> resolve.Resolved:
+    return resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_CLIP, cache_dir=model_cache_dir(cache_dir))
+
+
+@lru_cache(maxsize=4)
 def _encoder(spec: str, default: str, cache_dir: str, device: str, precision: str,
              compile: bool, channels_last: bool) -> ClipEncoder:
-    resolved = resolve.resolve(spec, default=default, tiny_arch=tiny.TINY_CLIP,
-                               cache_dir=model_cache_dir(cache_dir))
-    encoder = ClipEncoder(resolved, pick_device(device), precision=precision, compile=compile,
+    encoder = ClipEncoder(_resolved(spec, default, cache_dir), pick_device(device), precision=precision, compile=compile,
                           channels_last=channels_last)
     query_encoder.save(encoder, model_cache_dir(cache_dir))  # the next search's fast start
     return encoder
+
+
+def model_id(models: ModelSettings) -> str:
+    """The id of the model the `[models]` settings name, without loading it."""
+    return _resolved(models.clip, models.default_clip, models.cache_dir).id
 
 
 def from_config(models: ModelSettings) -> ClipEncoder:

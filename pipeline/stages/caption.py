@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from clipgram import inference, loader, tables
+from clipgram import inference, loader, shards, tables
 from clipgram.config import Config
 from clipgram.models import captioner
 from clipgram.result import StageResult
@@ -43,11 +43,25 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
     return rows
 
 
-def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captioner | None = None) -> StageResult:
-    """Caption the account's downloaded images not yet captioned by the configured captioner."""
+def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captioner | None = None,
+            shard: shards.Shard | None = None) -> StageResult:
+    """Caption the account's downloaded images not yet captioned by the configured captioner
+    (those of `shard` only, when given)."""
     model = model or captioner.from_config(cfg.models, cfg.caption)
     return inference.run(
         data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess,
         lambda batch: caption_rows(model, batch),
         device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
-        part_rows=cfg.caption.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed)
+        part_rows=cfg.caption.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed, shard=shard)
+
+
+def run(cfg: Config, account: str) -> StageResult:
+    """The stage: in this process, or on Dask as shard tasks (shards.py)."""
+    model_id = captioner.model_id(cfg.models)
+    return shards.run(cfg, "caption", account, tables.CAPTIONS, model_id, lambda: len(inference.pending(
+        cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed)), run_shard)
+
+
+def run_shard(settings: shards.Settings, account: str, shard: shards.Shard | None) -> StageResult:
+    cfg = shards.config(settings)
+    return caption(cfg.data_dir, account, cfg, shard=shard)
