@@ -118,3 +118,27 @@ def as_downloaded():
              "sha256": f"{i:064x}", "path": str(p)} for i, p in enumerate(paths)])
 
     return write
+
+
+BUCKET = "clipgram-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """(storage options, filesystem) of a fresh S3 server (moto, the real S3 protocol over HTTP
+    on 127.0.0.1) with one bucket."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir(BUCKET)
+    yield options, fs
+    server.stop()

@@ -2,14 +2,16 @@
 
 from pathlib import Path
 
-from clipgram import catalog, tables
+from clipgram import catalog as catalogs
+from clipgram import tables
 
 
-def snapshot(data_dir: Path) -> dict:
-    """Everything an uninterrupted run determines, without write times."""
+def snapshot(data_dir: Path, catalog: bool = True) -> dict:
+    """Everything an uninterrupted run determines, without write times; `catalog`: with the
+    published catalog's documents (a machine that did not publish has none)."""
     con = tables.connect(data_dir)
     raw = {t.name: tables.scan_sql(t, data_dir, str(data_dir)) for t in (tables.EMBEDDINGS, tables.CAPTIONS)}
-    return {
+    found = {
         "posts": con.execute("SELECT * EXCLUDE (updated_at) FROM posts ORDER BY shortcode").fetchall(),
         "media": con.execute("SELECT * EXCLUDE (updated_at) FROM media ORDER BY media_id").fetchall(),
         # raw parts, not the latest-row views: a duplicate row here is a duplicate
@@ -17,6 +19,7 @@ def snapshot(data_dir: Path) -> dict:
                                   "ORDER BY sha256").fetchall(),
         "captions": con.execute(f"SELECT model, sha256, caption, error FROM ({raw['captions']}) "
                                 "ORDER BY sha256").fetchall(),
-        "documents": catalog.connect(data_dir).execute(
-            "SELECT * FROM documents ORDER BY media_id").fetchall(),
     }
+    if catalog:
+        found["documents"] = catalogs.connect(data_dir).execute("SELECT * FROM documents ORDER BY media_id").fetchall()
+    return found

@@ -2,32 +2,13 @@
 holds the tables and media; each "machine" works in its own local mirror."""
 
 import json
-import logging
 
 import pytest
 
 from clipgram import catalog, cli, demo, storage, tables
 from clipgram.flows.ingest import ingest_account
 
-BUCKET = "clipgram-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """(storage options, filesystem) of a fresh S3 server with one bucket."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir(BUCKET)
-    yield options, fs
-    server.stop()
+from conftest import BUCKET
 
 
 @pytest.fixture
