@@ -69,6 +69,7 @@ def embed_on(workers: int, data_dir: Path, checkpoint: Path) -> dict[str, Any]:
 def run(images: int = 2000) -> dict[str, Any]:
     from bench.throughput import make_jpegs
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the scheduler's lines, in this process
     with tempfile.TemporaryDirectory(prefix="clipgram-bench-scale-") as work:
         root = Path(work)
         folder = make_jpegs(root / ACCOUNT, images, 640)[0].parent

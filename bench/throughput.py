@@ -34,6 +34,7 @@ from bench import app as bench_app
 from bench import odd_images as bench_odd_images
 from bench import query as bench_query
 from bench import rerun as bench_rerun
+from bench import scale as bench_scale
 from bench import search as bench_search
 from bench import startup as bench_startup
 from clipgram import demo, images, loader, synthetic, tables
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         results["app"] = bench_app.run(images=100_000, repeats=100)  # the app over HTTP, 100k images
         results["analyse"] = bench_analyse.run()  # the analyse stage, first and incremental, 10k and 100k
         results["query"] = bench_query.run(scenes=2000)  # which results match: demo and 2,000 scenes
+        results["scale"] = bench_scale.run(images=2000)  # one library embedded on one Dask worker, then two
         # 2,600 odd and broken files from image libraries' test suites, when shared/samples has them
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:
