@@ -29,6 +29,11 @@ from clipgram import images
 
 log = logging.getLogger("clipgram.verify")
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class VerifySettings:
     max_pixels: int = 89_478_485
@@ -76,7 +81,7 @@ class Verifier:
 
     def __init__(self, settings: VerifySettings = VerifySettings()) -> None:
         self.settings = settings
-        self.size = settings.workers or os.cpu_count() or 1
+        self.size = settings.workers or usable_cores()
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._started = 0
         self._all: set[_Worker] = set()

@@ -10,11 +10,11 @@ import sys
 import time
 
 import numpy as np
+from conftest import BUCKET
 from snapshots import snapshot
 
 from clipgram import dag, demo, storage
 from clipgram.flows.ingest import ingest_account
-from conftest import BUCKET
 
 SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8, "part_rows": 8},
             "decode": {"workers": 0}}

@@ -4,11 +4,10 @@ holds the tables and media; each "machine" works in its own local mirror."""
 import json
 
 import pytest
+from conftest import BUCKET
 
 from clipgram import catalog, cli, demo, storage, tables
 from clipgram.flows.ingest import ingest_account
-
-from conftest import BUCKET
 
 
 @pytest.fixture

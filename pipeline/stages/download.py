@@ -45,7 +45,7 @@ def verifiers(settings: DownloadSettings) -> verifier.Verifier:
     """Worker processes that verify the stage's files (one per core at most)."""
     return verifier.Verifier(verifier.VerifySettings(
         settings.max_image_pixels, settings.decode_deadline_s,
-        min(settings.concurrency, os.cpu_count() or 1)))
+        min(settings.concurrency, verifier.usable_cores())))
 
 
 class DownloadError(Exception):
