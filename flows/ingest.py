@@ -57,6 +57,7 @@ def _run_stages(run: taskrunner.RunTask, cfg: Config, settings: Settings, run_id
                 ) -> list[StageResult]:
     """The stages in order, one at a time (each reads what the last wrote), each where `run` puts it."""
     network = stage_task.with_options(**network_options(cfg))
+    settings = runner.run_settings(settings, stages_to_run)
     return [run(network if dag.stage(stage).network else stage_task, stage,
                 {"stage": stage, "run_id": run_id, "account": account, "settings": settings,
                  "recorded": recorded, "source": source})

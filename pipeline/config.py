@@ -108,6 +108,7 @@ class EmbedSettings:
     batch_size: Auto | Count
     part_rows: Count
     retry_failed: bool
+    with_captions: Auto | bool
 
 
 @dataclass(frozen=True)

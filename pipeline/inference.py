@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,26 @@ def pending(data_dir: Path, table: tables.Table, model_id: str, account: str,
             GROUP BY sha256 ORDER BY sha256""", [account]).fetchall()
 
 
+@dataclass
+class Head:
+    """One model's part of a pass over stored images: what it computes and where its rows go.
+
+    `model_fn` maps a batch on the device to one row (without sha256) per image, or to a
+    function returning them once the device is done. `failed_row(error)`: the row of an
+    image that fails to decode (None: it is logged and left pending); `retry_failed` takes
+    those rows up again. `batch_size` (None: the pass's): the most images one call gets.
+    """
+
+    stage: str
+    table: tables.Table
+    model_id: str
+    model_fn: Callable[[torch.Tensor], Rows | Deferred]
+    part_rows: int
+    failed_row: Callable[[str], dict[str, Any]] | None = None
+    retry_failed: bool = False
+    settings: loader.LoaderSettings | None = None
+
+
 def run(
     data_dir: Path,
     stage: str,
@@ -182,80 +202,129 @@ def run(
     retry_failed: bool = False,
     shard: shards.Shard | None = None,
 ) -> StageResult:
-    """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows.
+    """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows
+    (one `Head`: see `run_heads`)."""
+    head = Head(stage, table, model_id, model_fn, part_rows, failed_row, retry_failed)
+    return run_heads(data_dir, account, [head], preprocess, device=device, settings=settings, shard=shard)[0]
 
-    `model_fn` maps a batch on `device` to one row (without sha256) per image, or to a
-    function returning them once the device is done: the rows are then collected only
-    after the next batch is launched, so the device always has the next batch queued.
-    An image that fails to decode is written as `failed_row(error)` when given,
-    else logged and left pending; `retry_failed` takes those failed rows up again
-    (rows `model_fn` gives with an error count as failed too). When the stage stops on
-    an error, the rows finished before it are written first. `shard`: only the pending images
-    of that shard (shards.py), under the lock its stage's task holds.
+
+def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Callable, *,
+              device: torch.device, settings: loader.LoaderSettings,
+              shard: shards.Shard | None = None) -> list[StageResult]:
+    """One pass over the account's images that any head has pending, each decoded once and
+    given to every head that needs it (heads whose models take the same input: `preprocess`).
+
+    The rows of a batch are collected only after the next batch is launched, so the device
+    always has the next batch queued. An image that fails to decode is each head's
+    `failed_row(error)` when given, else logged and left pending (rows a model gives with an
+    error count as failed too). When the pass stops on an error, every head's finished rows
+    are written first. `shard`: only the pending images of that shard (shards.py), under the
+    locks its stage's task holds. Each head's result says how many images the pass decoded
+    (`details["decoded"]`) and which stages it shared them with.
     """
     # embeddings and captions are keyed by content and shared by accounts: one writer per
     # model partition, so two accounts that share an image never both find it pending
-    with partition_lock(data_dir, table.name, model_id) if shard is None else contextlib.nullcontext():
-        todo = pending(data_dir, table, model_id, account, retry_failed and failed_row is not None)
-        if shard is not None:
-            todo = [(sha, path) for sha, path in todo if shards.member(sha, shard)]
-        result = StageResult(stage, account, note=model_id if shard is None else f"{model_id}, shard {shard[0] + 1} of {shard[1]}")
+    with contextlib.ExitStack() as held:
+        if shard is None:
+            for head in sorted(heads, key=lambda h: h.table.name):  # one order: no deadlock
+                held.enter_context(partition_lock(data_dir, head.table.name, head.model_id))
+        wanted: dict[str, tuple[str, list[int]]] = {}  # sha → (path, heads that need it)
+        for h, head in enumerate(heads):
+            for sha, path in pending(data_dir, head.table, head.model_id, account,
+                                     head.retry_failed and head.failed_row is not None):
+                if shard is None or shards.member(sha, shard):
+                    wanted.setdefault(sha, (path, []))[1].append(h)
+        todo = sorted(wanted.items())
+        shared = [head.stage for head in heads]
+        results = []
+        for head in heads:
+            others = [s for s in shared if s != head.stage]
+            note = head.model_id + (f", shard {shard[0] + 1} of {shard[1]}" if shard else "") + (
+                f", each image decoded once for {' and '.join(others)} too" if others else "")
+            results.append(StageResult(head.stage, account, note=note, details={"decoded": 0, "shared_with": others}))
         if not todo:
-            return result.log()
+            return [result.log() for result in results]
         shas = [sha for sha, _ in todo]
-        storage.ensure_local(data_dir / p for _, p in todo)  # an object-store data dir's pixels
+        needs = [set(hs) for _, (_, hs) in todo]
+        storage.ensure_local(data_dir / path for _, (path, _) in todo)  # an object-store data dir's pixels
         if len(todo) <= settings.batch_size:
             # one batch (an hourly run's new posts): starting decode workers, a fork server
             # first (6 s here), costs more than decoding it in this process
             settings = replace(settings, workers=0)
-        dataset = loader.dataset([data_dir / p for _, p in todo], preprocess, settings)
-        if settings.probe_batch and len(todo) > 2 * settings.batch_size:  # else its start will do
-            sample = _first_input(dataset, device)
-            if sample is not None:
-                size = _probe_batch_size(stage, model_id, model_fn, sample, device, settings)
-                settings = replace(settings, batch_size=size)
-        call = HalveOnOOM(model_fn, settings.batch_size)
-        rows: Rows = []
-        in_flight: tuple[list[int], Deferred] | None = None
+        dataset = loader.dataset([data_dir / path for _, (path, _) in todo], preprocess, settings)
+        sizes = [_batch_size(head, dataset, device, settings, len(todo)) for head in heads]
+        calls = [HalveOnOOM(head.model_fn, size) for head, size in zip(heads, sizes)]
+        settings = replace(settings, batch_size=max(sizes))
+        rows: list[Rows] = [[] for _ in heads]
+        in_flight: list[tuple[list[int], Deferred] | None] = [None for _ in heads]
 
-        def land(indices: list[int], collect: Deferred) -> None:
+        def land(h: int, indices: list[int], collect: Deferred) -> None:
             landed = [{"sha256": shas[i], **row} for i, row in zip(indices, collect(), strict=True)]
             failed = sum(row.get("error") is not None for row in landed)  # a model's own failures
-            rows.extend(landed)
-            result.done += len(landed) - failed
-            result.failed += failed
+            rows[h].extend(landed)
+            results[h].done += len(landed) - failed
+            results[h].failed += failed
+
+        def write(h: int) -> None:
+            tables.write_part(data_dir, heads[h].table, heads[h].model_id, rows[h])
+            rows[h].clear()
 
         try:
-            with tqdm(total=len(todo), desc=f"{stage} {account}", unit="img") as bar:
+            label = "+".join(shared)
+            with tqdm(total=len(todo), desc=f"{label} {account}", unit="img") as bar:
                 for indices, batch, failures in loader.batches(dataset, settings, device):
-                    previous = in_flight
-                    in_flight = (indices, call(batch)) if batch is not None else None
-                    if previous is not None:
-                        land(*previous)  # the batch before: done, or finishing while this one is queued
+                    for h in range(len(heads)):
+                        previous = in_flight[h]
+                        mine = [k for k, i in enumerate(indices) if h in needs[i]]
+                        if batch is not None and mine:  # if the call raises, `previous` stays in flight
+                            part = batch if len(mine) == len(indices) else batch[mine]
+                            in_flight[h] = ([indices[k] for k in mine], calls[h](part))
+                        else:
+                            in_flight[h] = None
+                        if previous is not None:
+                            land(h, *previous)  # the batch before: done, or finishing while this one is queued
                     for i, error in failures:
-                        log.warning("%s %s: %s", stage, shas[i], error)
-                        result.failed += 1
-                        if failed_row is not None:
-                            rows.append({"sha256": shas[i], **failed_row(error)})
+                        for h in needs[i]:
+                            log.warning("%s %s: %s", heads[h].stage, shas[i], error)
+                            results[h].failed += 1
+                            if heads[h].failed_row is not None:
+                                rows[h].append({"sha256": shas[i], **heads[h].failed_row(error)})
+                    for result in results:
+                        result.details["decoded"] += len(indices) + len(failures)
                     bar.update(len(indices) + len(failures))
-                    if len(rows) >= part_rows:
-                        tables.write_part(data_dir, table, model_id, rows)
-                        rows.clear()
-                last, in_flight = in_flight, None
-                if last is not None:
-                    land(*last)
+                    for h, head in enumerate(heads):
+                        if len(rows[h]) >= head.part_rows:
+                            write(h)
+                for h in range(len(heads)):
+                    last, in_flight[h] = in_flight[h], None
+                    if last is not None:
+                        land(h, *last)
         except BaseException:
-            # keep what is finished, the batch in flight included, so a rerun does only the rest;
-            # the error being raised is the one to report, not a failure to keep them
-            if in_flight is not None:
-                with contextlib.suppress(Exception):
-                    land(*in_flight)
-            try:
-                tables.write_part(data_dir, table, model_id, rows)
-            except Exception as e:
-                log.error("%s %s: %d finished rows could not be kept: %s", stage, account, len(rows), e)
+            # keep what is finished, the batches in flight included, so a rerun does only the
+            # rest; the error being raised is the one to report, not a failure to keep them
+            for h in range(len(heads)):
+                if in_flight[h] is not None:
+                    with contextlib.suppress(Exception):
+                        land(h, *in_flight[h])
+                try:
+                    write(h)
+                except Exception as e:
+                    log.error("%s %s: %d finished rows could not be kept: %s", heads[h].stage, account,
+                              len(rows[h]), e)
             raise
-        tables.write_part(data_dir, table, model_id, rows)
-        if dataset.split is not None:
-            result.details["decode_split"] = dataset.split.summary()
-        return result.log()
+        for h in range(len(heads)):
+            write(h)
+            if dataset.split is not None:
+                results[h].details["decode_split"] = dataset.split.summary()
+        return [result.log() for result in results]
+
+
+def _batch_size(head: Head, dataset: loader.ImageFiles, device: torch.device,
+                settings: loader.LoaderSettings, images: int) -> int:
+    """The most images one call of the head's model gets: its own setting (probed on CUDA)."""
+    own = head.settings or settings
+    if own.probe_batch and images > 2 * own.batch_size:  # else its start will do
+        sample = _first_input(dataset, device)
+        if sample is not None:
+            return _probe_batch_size(head.stage, head.model_id, head.model_fn, sample, device, own)
+    return own.batch_size

@@ -6,6 +6,8 @@ test can drive without Prefect.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import requests
 from instaloader import exceptions as ig
@@ -36,3 +38,12 @@ def is_transient(error: BaseException) -> bool:
         return False  # Instagram answered, and will answer the same again
     return isinstance(error, (ig.ConnectionException, requests.RequestException,
                               httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def run_settings(settings: dict[str, dict[str, Any]], stages: list[str]) -> dict[str, dict[str, Any]]:
+    """The settings of a run of `stages`, with what depends on the run resolved: `[embed]
+    with_captions = "auto"` is true when the caption stage runs after embed in it."""
+    embed = settings.get("embed", {})
+    if embed.get("with_captions", "auto") != "auto":
+        return settings
+    return {**settings, "embed": {**embed, "with_captions": "embed" in stages and "caption" in stages}}

@@ -14,6 +14,7 @@ mean without Dask.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Callable
@@ -61,21 +62,26 @@ def sharded(cfg: Config) -> bool:
     return cfg.orchestration.task_runner == "dask" and cfg.orchestration.dask_shard_images > 0
 
 
-def run(cfg: Config, stage: str, account: str, table: tables.Table, model_id: str,
+def run(cfg: Config, stage: str, account: str, partitions: list[tuple[tables.Table, str]],
         pending: Callable[[], int], work: Work) -> StageResult:
-    """`work` over the stage's to-do list: in this process, or on Dask as shard tasks."""
+    """`work` over the stage's to-do list (`pending` images, written to the model
+    `partitions`): in this process, or on Dask as shard tasks."""
     settings = cfg.as_dict()
     if not sharded(cfg) or _worker() is None:
         return work(settings, account, None)
     from distributed import worker_client
 
+    model_id = partitions[0][1]
     todo = pending()
     if not todo:
         return StageResult(stage, account, note=model_id).log()
     count = count_for(todo, cfg.orchestration.dask_shard_images)
     resource = cfg.orchestration.dask_gpu_resource
     run_id = uuid.uuid4().hex[:8]
-    with partition_lock(cfg.data_dir, table.name, model_id), worker_client() as client:
+    with contextlib.ExitStack() as held:
+        for table, model in sorted(partitions, key=lambda p: p[0].name):  # inference.run_heads' order
+            held.enter_context(partition_lock(cfg.data_dir, table.name, model))
+        client = held.enter_context(worker_client())
         futures = [client.submit(work, settings, account, (i, count), key=f"{stage}-{account}-{run_id}-shard-{i}",
                                  resources={resource: 1} if resource else None, pure=False)
                    for i in range(count)]
@@ -83,4 +89,7 @@ def run(cfg: Config, stage: str, account: str, table: tables.Table, model_id: st
     merged = StageResult(stage, account, done=sum(r.done for r in results),
                          failed=sum(r.failed for r in results), note=model_id)
     merged.details["shards"] = count
+    for key in ("decoded", "captioned"):  # figures of the shards' passes, added up
+        if any(key in r.details for r in results):
+            merged.details[key] = sum(r.details.get(key, 0) for r in results)
     return merged.log()

@@ -47,9 +47,9 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
         executed = [w.state.executed_count for w in dask_cluster.workers.values()]
     assert {a: [r.stage for r in rs] for a, rs in results.items()} == {
         A: list(dag.NAMES), B: list(dag.NAMES)}
-    # every stage ran on a worker, none in the flow, and each of A's model stages sent one shard
-    # task (B's images are all A's: nothing was left for B's)
-    assert sum(executed) == 2 * len(dag.NAMES) + 2
+    # every stage ran on a worker, none in the flow, and A's embed stage sent one shard task,
+    # which captioned too (nothing was left for the caption stages, nor for B's: its images are A's)
+    assert sum(executed) == 2 * len(dag.NAMES) + 1
     (a_start, a_end), (b_start, b_end) = _span(cfg.data_dir, A), _span(cfg.data_dir, B)
     assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
@@ -83,10 +83,13 @@ def test_a_model_stage_split_into_shards_over_two_workers_makes_the_tables_of_on
         results = {r.stage: r for r in ingest_account(A, cfg.as_dict(), str(recorded))}
         executed = sum(w.state.executed_count for w in dask_cluster.workers.values())
     images = len(expected["embeddings"])
-    for stage in ("embed", "caption"):
-        assert results[stage].details["shards"] == -(-images // 10)
-        assert results[stage].done == images  # every image once, over the shards
-    assert executed == len(dag.NAMES) + 2 * -(-images // 10)
+    shards = -(-images // 10)
+    embedded = results["embed"]
+    assert embedded.details["shards"] == shards
+    # every image once, over the shards, embedded and captioned from one decode
+    assert embedded.done == embedded.details["captioned"] == embedded.details["decoded"] == images
+    assert results["caption"].done == 0
+    assert executed == len(dag.NAMES) + shards
     actual = snapshot(cfg.data_dir)  # raw parts: a row written twice would show
     for table in ("posts", "media", "captions", "documents"):
         assert actual[table] == expected[table], table

@@ -39,7 +39,10 @@ def test_every_stage_runs_and_fills_its_table(ingested, recorded_copy):
     by_stage = {r.stage: r for r in results}
     assert by_stage["scrape"].done == len(posts)
     assert by_stage["download"].done == images and by_stage["download"].failed == 0
-    assert by_stage["embed"].done == by_stage["caption"].done == by_stage["publish"].done == images
+    assert by_stage["embed"].done == by_stage["publish"].done == images
+    # the run captions too: the embed stage's pass captioned every image from the same decode
+    assert by_stage["embed"].details["captioned"] == by_stage["embed"].details["decoded"] == images
+    assert by_stage["caption"].done == 0 and "embed stage captioned" in by_stage["caption"].note
     assert by_stage["analyse"].done == images  # every image labelled, clustered, mapped
 
     con = catalog.connect(cfg.data_dir)

@@ -102,7 +102,7 @@ def test_folder_flows_through_embed_caption_and_search(prefect_harness, make_con
     cfg = make_config(tmp_path / "data")
     results = ingest_account("scenes", cfg.as_dict(), source=str(root))
     by_stage = {r.stage: r for r in results}
-    assert by_stage["scrape"].done == by_stage["embed"].done == by_stage["caption"].done == 6
+    assert by_stage["scrape"].done == by_stage["embed"].done == by_stage["embed"].details["captioned"] == 6
     con = catalog.connect(cfg.data_dir)
     encoder = clip.from_config(cfg.models)
     right = 0

@@ -43,23 +43,30 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
     return rows
 
 
+def head(model: captioner.Captioner, cfg: Config) -> inference.Head:
+    return inference.Head("caption", tables.CAPTIONS, model.id, lambda batch: caption_rows(model, batch),
+                          cfg.caption.part_rows, failed, cfg.caption.retry_failed,
+                          loader.loader_settings(cfg, "caption", model.device))
+
+
 def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captioner | None = None,
             shard: shards.Shard | None = None) -> StageResult:
     """Caption the account's downloaded images not yet captioned by the configured captioner
     (those of `shard` only, when given)."""
     model = model or captioner.from_config(cfg.models, cfg.caption)
-    return inference.run(
-        data_dir, "caption", account, tables.CAPTIONS, model.id, model.preprocess,
-        lambda batch: caption_rows(model, batch),
-        device=model.device, settings=loader.loader_settings(cfg, "caption", model.device),
-        part_rows=cfg.caption.part_rows, failed_row=failed, retry_failed=cfg.caption.retry_failed, shard=shard)
+    one = head(model, cfg)
+    return inference.run_heads(data_dir, account, [one], model.preprocess, device=model.device,
+                               settings=one.settings, shard=shard)[0]
 
 
 def run(cfg: Config, account: str) -> StageResult:
     """The stage: in this process, or on Dask as shard tasks (shards.py)."""
     model_id = captioner.model_id(cfg.models)
-    return shards.run(cfg, "caption", account, tables.CAPTIONS, model_id, lambda: len(inference.pending(
+    result = shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], lambda: len(inference.pending(
         cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed)), run_shard)
+    if cfg.embed.with_captions is True and not result.done and not result.failed:
+        result.note += ": nothing left, the embed stage captioned in its pass"
+    return result
 
 
 def run_shard(settings: shards.Settings, account: str, shard: shards.Shard | None) -> StageResult:
