@@ -3,7 +3,6 @@ stage's pass feeds both models, and its tables are those of the two stages run a
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipgram import images, loader, tables
 from clipgram.config import load_config
