@@ -5,8 +5,8 @@ libwebp, wuffs, OpenImageIO, openjpeg, … listed with their provenance in tests
 is not in this repository: it lives in the steering repo's shared/samples/images, or where
 CLIPGRAM_SAMPLES points. Every file with an extension Pillow reads must end as one media
 row, done with an embedding and a caption or failed with a reason, within the per-file
-decode deadline; a second ingest adds nothing. `make bench` runs the whole corpus,
-`make test` the files in tests/image_sample.txt.
+decode deadline; a second ingest adds nothing. `make bench` and `make test` run the files in
+tests/image_sample.txt, `python -m bench.odd_images` the whole corpus (minutes: opt-in).
 """
 
 from __future__ import annotations
@@ -75,11 +75,31 @@ def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
     }
 
 
-def run(data_dir: Path) -> dict[str, Any] | None:
-    """The whole corpus, ingested as one folder with the offline models; None when it is absent."""
+def run(data_dir: Path, whole: bool = False) -> dict[str, Any] | None:
+    """The files tests/image_sample.txt lists (`whole`: the whole corpus, 2,600 files, opt-in:
+    `python -m bench.odd_images`), ingested as one folder with the offline models; None when
+    the corpus is absent."""
     corpus = SAMPLES / "images"
     if not corpus.is_dir():
         return None
-    cfg = load_config(overrides={"data": {"dir": str(data_dir)},
+    cfg = load_config(overrides={"data": {"dir": str(data_dir / "data")},
                                  "models": {"clip": "tiny", "captioner": "tiny"}})
-    return ingest(cfg, corpus, "odd-images")
+    folder = corpus if whole else copy_listed(corpus, SAMPLE_LIST, data_dir / "listed")
+    return {"corpus": "whole" if whole else SAMPLE_LIST.name, **ingest(cfg, folder, "odd-images")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import tempfile
+
+    from bench import save_section
+
+    parser = argparse.ArgumentParser(description="the whole odd-image corpus, ingested twice")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="clipgram-bench-odd-") as work:
+        save_section(args.out, "odd_images", run(Path(work), whole=True))
+
+
+if __name__ == "__main__":
+    main()
