@@ -130,3 +130,15 @@ def test_publish_extends_the_index_when_images_are_only_added(tmp_path, caplog):
     with caplog.at_level("INFO", logger="clipgram"):
         publish.publish(data, model_id, dim, None, ann_threshold=1_000)
     assert "approximate index of 4500 images built" in caplog.text
+
+
+def test_rows_of_a_memory_mapped_matrix_are_gathered_in_their_order(tmp_path):
+    """Re-ranking asks for the candidates' pages first (madvise): the rows are the right ones,
+    also from a slice of the map and from its last row."""
+    matrix = clustered(1_000, 5)
+    np.save(tmp_path / "m.npy", matrix)
+    index = search.VectorIndex(np.load(tmp_path / "m.npy", mmap_mode="r")[:900])
+    assert index._mapped is not None
+    rows = [899, 5, 0, 431, 5]
+    np.testing.assert_array_equal(index.vectors(rows), matrix[rows])
+    assert search.VectorIndex(matrix)._mapped is None  # in memory: nothing to ask for
