@@ -271,8 +271,12 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
 
         try:
             label = "+".join(shared)
+            started = time.perf_counter()
             with tqdm(total=len(todo), desc=f"{label} {account}", unit="img") as bar:
                 for indices, batch, failures in loader.batches(dataset, settings, device):
+                    if bar.n == 0:  # the pass's fixed cost: decode workers' start and a first batch
+                        for result in results:
+                            result.details["first_batch_s"] = time.perf_counter() - started
                     for h in range(len(heads)):
                         previous = in_flight[h]
                         mine = [k for k, i in enumerate(indices) if h in needs[i]]
