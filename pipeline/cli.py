@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from clipgram import catalog, dag, query, report, search, status, storage
 from clipgram.config import CONFIG_DIR, Config, ConfigError, defaults, load_config
-from clipgram.errors import ClipgramError
+from clipgram.errors import ClipgramError, disk_full, says_disk_full
 from clipgram.result import StageResult
 from clipgram.stages import publish
 
@@ -606,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_reported_here(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed run's exception with its traceback, and its state; a full disk
+    `main` says in one line."""
+    return not ((record.exc_info and disk_full(record.exc_info[1])) or says_disk_full(record.getMessage()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # clipgram's own story at INFO (-v: DEBUG); other libraries only warn (-v: their INFO too)
@@ -616,11 +622,21 @@ def main(argv: list[str] | None = None) -> int:
         # Prefect's lines on each task and its temporary server: our stage lines say it all.
         # `serve` keeps them (they are its story), and so do the UI's run logs: not the console's
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        for name in ("prefect.flow_runs", "prefect.task_runs"):  # the failure is ours to report
+            logging.getLogger(name).addFilter(_not_reported_here)
     try:
         return args.func(args)
     # ours say what to do; duckdb.Error is the user's own SQL or a table file that does not
-    # read (then doctor says what to do), FileNotFoundError a path they named
-    except (ClipgramError, duckdb.Error, pa.ArrowException, FileNotFoundError) as e:
+    # read (then doctor says what to do), FileNotFoundError a path they named; a full disk,
+    # whichever library met it, is one line too
+    except Exception as e:
+        if disk_full(e):
+            where = getattr(e, "filename", None) or getattr(args, "data_dir", None) or "the data directory"
+            print(f"error: the disk holding {where} is full: free some space and run the same command "
+                  "again; what was finished is kept, and the rerun does the rest", file=sys.stderr)
+            return 2
+        if not isinstance(e, (ClipgramError, duckdb.Error, pa.ArrowException, FileNotFoundError)):
+            raise
         from clipgram import doctor
 
         print(f"error: {e}", file=sys.stderr)
@@ -629,7 +645,6 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(e, pa.ArrowException):
             raise
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

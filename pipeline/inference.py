@@ -205,7 +205,7 @@ def run(
     """Apply `model_fn` to every pending image in batches, writing a part every `part_rows` rows
     (one `Head`: see `run_heads`)."""
     head = Head(stage, table, model_id, model_fn, part_rows, failed_row, retry_failed)
-    return run_heads(data_dir, account, [head], preprocess, device=device, settings=settings, shard=shard)[0]
+    return run_heads(data_dir, account, [head], preprocess, device=device, settings=settings, shard=shard)[0].log()
 
 
 def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Callable, *,
@@ -220,7 +220,7 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
     error count as failed too). When the pass stops on an error, every head's finished rows
     are written first. `shard`: only the pending images of that shard (shards.py), under the
     locks its stage's task holds. Each head's result says how many images the pass decoded
-    (`details["decoded"]`) and which stages it shared them with.
+    (`details["decoded"]`) and which stages it shared them with; the caller logs them.
     """
     # embeddings and captions are keyed by content and shared by accounts: one writer per
     # model partition, so two accounts that share an image never both find it pending
@@ -243,7 +243,7 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
                 f", each image decoded once for {' and '.join(others)} too" if others else "")
             results.append(StageResult(head.stage, account, note=note, details={"decoded": 0, "shared_with": others}))
         if not todo:
-            return [result.log() for result in results]
+            return results
         shas = [sha for sha, _ in todo]
         needs = [set(hs) for _, (_, hs) in todo]
         storage.ensure_local(data_dir / path for _, (path, _) in todo)  # an object-store data dir's pixels
@@ -320,7 +320,7 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
             write(h)
             if dataset.split is not None:
                 results[h].details["decode_split"] = dataset.split.summary()
-        return [result.log() for result in results]
+        return results
 
 
 def _batch_size(head: Head, dataset: loader.ImageFiles, device: torch.device,

@@ -56,17 +56,19 @@ def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captione
     model = model or captioner.from_config(cfg.models, cfg.caption)
     one = head(model, cfg)
     return inference.run_heads(data_dir, account, [one], model.preprocess, device=model.device,
-                               settings=one.settings, shard=shard)[0]
+                               settings=one.settings, shard=shard)[0].log()
 
 
 def run(cfg: Config, account: str) -> StageResult:
     """The stage: in this process, or on Dask as shard tasks (shards.py)."""
     model_id = captioner.model_id(cfg.models)
-    result = shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], lambda: len(inference.pending(
-        cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed)), run_shard)
-    if cfg.embed.with_captions is True and not result.done and not result.failed:
-        result.note += ": nothing left, the embed stage captioned in its pass"
-    return result
+
+    def pending() -> int:
+        return len(inference.pending(cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed))
+    if cfg.embed.with_captions is True and not pending():  # no model to load for nothing
+        return StageResult("caption", account, note=f"{model_id}: nothing left, the embed stage "
+                                                    "captioned in its pass").log()
+    return shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], pending, run_shard)
 
 
 def run_shard(settings: shards.Settings, account: str, shard: shards.Shard | None) -> StageResult:

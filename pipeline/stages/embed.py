@@ -53,7 +53,7 @@ def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder |
     if len(results) > 1:  # the caption stage will find these done
         results[0].details["captioned"] = results[1].done
         results[0].note += f": {results[1].done} captioned"
-    return results[0]
+    return [result.log() for result in results][0]
 
 
 def with_captions(cfg: Config) -> bool:

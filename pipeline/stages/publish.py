@@ -156,6 +156,11 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
             con.execute(macro)
         documents = con.execute("SELECT count(*) FROM documents").fetchone()[0]
         con.execute("CHECKPOINT")
+    except BaseException:  # a full disk, say: the half-built catalog goes, the published one stays
+        con.close()
+        for leftover in (tmp, tmp.with_name(f"{tmp.name}.wal")):
+            leftover.unlink(missing_ok=True)
+        raise
     finally:
         con.close()
     os.replace(tmp, final)
