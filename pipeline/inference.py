@@ -239,8 +239,8 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
         results = []
         for head in heads:
             others = [s for s in shared if s != head.stage]
-            note = head.model_id + (f", shard {shard[0] + 1} of {shard[1]}" if shard else "") + (
-                f", each image decoded once for {' and '.join(others)} too" if others else "")
+            note = (f"each image decoded once for {' and '.join(shared)}; " if others else "") + head.model_id + (
+                f", shard {shard[0] + 1} of {shard[1]}" if shard else "")
             results.append(StageResult(head.stage, account, note=note, details={"decoded": 0, "shared_with": others}))
         if not todo:
             return results

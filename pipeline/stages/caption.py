@@ -66,8 +66,8 @@ def run(cfg: Config, account: str) -> StageResult:
     def pending() -> int:
         return len(inference.pending(cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed))
     if cfg.embed.with_captions is True and not pending():  # no model to load for nothing
-        return StageResult("caption", account, note=f"{model_id}: nothing left, the embed stage "
-                                                    "captioned in its pass").log()
+        return StageResult("caption", account, note=f"nothing left: the embed stage captioned in its "
+                                                    f"pass; {model_id}").log()
     return shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], pending, run_shard)
 
 

@@ -52,7 +52,7 @@ def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder |
                                   settings=heads[0].settings, shard=shard)
     if len(results) > 1:  # the caption stage will find these done
         results[0].details["captioned"] = results[1].done
-        results[0].note += f": {results[1].done} captioned"
+        results[0].note = f"{results[1].done} captioned too, {results[0].note}"
     return [result.log() for result in results][0]
 
 
