@@ -245,22 +245,33 @@ def _open_clip_generate_ips(model: captioner_mod.Captioner, arch: str, images: t
         return None
 
 
+def _random_captioner(arch: str, model_id: str, device: torch.device) -> captioner_mod.Captioner:
+    model = captioner_mod.Captioner(Resolved(model_id, arch, None), device)
+    # open_clip leaves this projection uninitialised (torch.empty): give it the scale of trained weights
+    projection = model.model.text_decoder.text_projection
+    torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+    return model
+
+
+def _account_of(data_dir: Path, account: str, count: int) -> list[dict[str, Any]]:
+    """The media rows of `count` distinct images the download bench stored, written again as
+    `account`'s: a stage run over that account has those images, nothing more."""
+    media = tables.connect(data_dir).execute(
+        "SELECT DISTINCT ON (sha256) * FROM media WHERE account = 'bench' AND status = 'done' "
+        "ORDER BY sha256 LIMIT ?", [count]).arrow().read_all().to_pylist()
+    tables.write_part(data_dir, tables.MEDIA, account, media)
+    return media
+
+
 def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
                   batch_size: int, num_workers: int | None) -> dict[str, Any]:
     """CoCa captions/s: model-only on pre-decoded tensors with the cached decoder and with
     open_clip's generate(), and end to end through the caption stage (JPEG files → Parquet)
     over the same `count` stored images, as an account of their own."""
     start = time.perf_counter()
-    model = captioner_mod.Captioner(Resolved(f"{arch}@random", arch, None), device)
+    model = _random_captioner(arch, f"{arch}@random", device)
     model_load_s = time.perf_counter() - start
-    # open_clip leaves this projection uninitialised (torch.empty): give it the scale of trained weights
-    projection = model.model.text_decoder.text_projection
-    torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
-    media = tables.connect(data_dir).execute(
-        "SELECT DISTINCT ON (sha256) * FROM media WHERE account = 'bench' AND status = 'done' "
-        "ORDER BY sha256 LIMIT ?",
-        [count]).arrow().read_all().to_pylist()
-    tables.write_part(data_dir, tables.MEDIA, "bench-caption", media)  # its images, nothing more
+    media = _account_of(data_dir, "bench-caption", count)
     batch = torch.stack([model.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
     model_only_ips = statistics.median(_captions_per_second(model, batch, batch_size) for _ in range(REPEATS))
     open_clip_ips = _open_clip_generate_ips(model, arch, batch[:batch_size])
@@ -290,13 +301,8 @@ def bench_one_pass(data_dir: Path, device: torch.device, count: int, batch_size:
     own end-to-end rates (`separate`: measured in this run, each decoding every image)."""
     # ids of their own: the embed and caption benches' rows are not this pass's to skip
     encoder = clip_mod.ClipEncoder(Resolved("ViT-B-32@random-one-pass", "ViT-B-32", None), device)
-    model = captioner_mod.Captioner(Resolved("coca_ViT-B-32@random-one-pass", "coca_ViT-B-32", None), device)
-    projection = model.model.text_decoder.text_projection
-    torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
-    media = tables.connect(data_dir).execute(
-        "SELECT DISTINCT ON (sha256) * FROM media WHERE account = 'bench' AND status = 'done' "
-        "ORDER BY sha256 LIMIT ?", [count]).arrow().read_all().to_pylist()
-    tables.write_part(data_dir, tables.MEDIA, "bench-one-pass", media)
+    model = _random_captioner("coca_ViT-B-32", "coca_ViT-B-32@random-one-pass", device)
+    media = _account_of(data_dir, "bench-one-pass", count)
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "embed": {"batch_size": batch_size,
                                  "with_captions": True}, "caption": {"batch_size": caption_batch_size},
                                  "decode": {"workers": num_workers}}, environ={})

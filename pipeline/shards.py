@@ -26,9 +26,8 @@ from clipgram.lock import partition_lock
 from clipgram.result import StageResult
 
 Shard = tuple[int, int]  # (index, count)
-Settings = dict[str, dict[str, Any]]
-# a shard's work: settings (plain, for pickling), account, shard → its result
-Work = Callable[[Settings, str, "Shard | None"], StageResult]
+# a stage's work: settings, account, its shard (None: all of its to-do list) → its result
+Work = Callable[[Config, str, "Shard | None"], StageResult]
 
 
 def member(sha256: str, shard: Shard) -> bool:
@@ -41,8 +40,10 @@ def count_for(todo: int, size: int) -> int:
     return max(1, math.ceil(todo / size))
 
 
-def config(settings: Settings) -> Config:
-    return load_config(overrides=settings, environ={})
+def _on_worker(work: Work, settings: dict[str, dict[str, Any]], account: str, shard: Shard) -> StageResult:
+    """A shard task: settings travel as plain values and are read again where it lands
+    (an object-store data dir's mirror is set up there)."""
+    return work(load_config(overrides=settings, environ={}), account, shard)
 
 
 def _worker() -> Any | None:
@@ -66,9 +67,8 @@ def run(cfg: Config, stage: str, account: str, partitions: list[tuple[tables.Tab
         pending: Callable[[], int], work: Work) -> StageResult:
     """`work` over the stage's to-do list (`pending` images, written to the model
     `partitions`): in this process, or on Dask as shard tasks."""
-    settings = cfg.as_dict()
     if not sharded(cfg) or _worker() is None:
-        return work(settings, account, None)
+        return work(cfg, account, None)
     from distributed import worker_client
 
     model_id = partitions[0][1]
@@ -82,8 +82,10 @@ def run(cfg: Config, stage: str, account: str, partitions: list[tuple[tables.Tab
         for table, model in sorted(partitions, key=lambda p: p[0].name):  # inference.run_heads' order
             held.enter_context(partition_lock(cfg.data_dir, table.name, model))
         client = held.enter_context(worker_client())
-        futures = [client.submit(work, settings, account, (i, count), key=f"{stage}-{account}-{run_id}-shard-{i}",
-                                 resources={resource: 1} if resource else None, pure=False)
+        settings = cfg.as_dict()
+        futures = [client.submit(_on_worker, work, settings, account, (i, count), pure=False,
+                                 key=f"{stage}-{account}-{run_id}-shard-{i}",
+                                 resources={resource: 1} if resource else None)
                    for i in range(count)]
         results: list[StageResult] = client.gather(futures)
     merged = StageResult(stage, account, done=sum(r.done for r in results),

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import numpy as np
+
 from clipgram import catalog as catalogs
 from clipgram import tables
 
@@ -23,3 +25,13 @@ def snapshot(data_dir: Path, catalog: bool = True) -> dict:
     if catalog:
         found["documents"] = catalogs.connect(data_dir).execute("SELECT * FROM documents ORDER BY media_id").fetchall()
     return found
+
+
+def assert_same(actual: dict, expected: dict) -> None:
+    """Two snapshots hold the same rows: every table equal, the embeddings' vectors to 1e-5
+    (another process, or a batch of another size, may round them differently)."""
+    for table in actual.keys() - {"embeddings"}:
+        assert actual[table] == expected[table], table
+    assert [r[:2] for r in actual["embeddings"]] == [r[:2] for r in expected["embeddings"]]
+    np.testing.assert_allclose(np.array([r[2] for r in actual["embeddings"]]),
+                               np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)

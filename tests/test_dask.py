@@ -8,10 +8,9 @@ pickles each task with its parameters and runs it on whichever worker is free.
 
 from datetime import datetime
 
-import numpy as np
 import pytest
 from distributed import LocalCluster
-from snapshots import snapshot
+from snapshots import assert_same, snapshot
 
 from clipgram import dag, demo, tables
 from clipgram.config import ConfigError
@@ -54,12 +53,7 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
     assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
     actual = snapshot(cfg.data_dir)
-    for table in ("posts", "media", "captions", "documents"):
-        assert actual[table] == expected[table], table
-    # shared images are embedded once, though both accounts have them
-    assert [r[:2] for r in actual["embeddings"]] == [r[:2] for r in expected["embeddings"]]
-    np.testing.assert_allclose(np.array([r[2] for r in actual["embeddings"]]),
-                               np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)
+    assert_same(actual, expected)  # shared images are embedded once, though both accounts have them
 
     # a rerun on a LocalCluster the runner starts itself finds nothing to do, writes no row twice
     cfg = cfg.replace("orchestration", dask_address="", dask_processes=False, dask_gpu_resource="")
@@ -91,11 +85,7 @@ def test_a_model_stage_split_into_shards_over_two_workers_makes_the_tables_of_on
     assert results["caption"].done == 0
     assert executed == len(dag.NAMES) + shards
     actual = snapshot(cfg.data_dir)  # raw parts: a row written twice would show
-    for table in ("posts", "media", "captions", "documents"):
-        assert actual[table] == expected[table], table
-    assert [r[:2] for r in actual["embeddings"]] == [r[:2] for r in expected["embeddings"]]
-    np.testing.assert_allclose(np.array([r[2] for r in actual["embeddings"]]),
-                               np.array([r[2] for r in expected["embeddings"]]), atol=1e-5)
+    assert_same(actual, expected)
     parts = list((cfg.data_dir / "tables" / "embeddings").rglob("*.parquet"))
     assert len(parts) >= -(-images // 10)  # each shard wrote its own
 

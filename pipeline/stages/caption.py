@@ -71,6 +71,5 @@ def run(cfg: Config, account: str) -> StageResult:
     return shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], pending, run_shard)
 
 
-def run_shard(settings: shards.Settings, account: str, shard: shards.Shard | None) -> StageResult:
-    cfg = shards.config(settings)
+def run_shard(cfg: Config, account: str, shard: shards.Shard | None) -> StageResult:
     return caption(cfg.data_dir, account, cfg, shard=shard)

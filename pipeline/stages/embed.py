@@ -77,8 +77,7 @@ def run(cfg: Config, account: str) -> StageResult:
                       run_shard)
 
 
-def run_shard(settings: shards.Settings, account: str, shard: shards.Shard | None) -> StageResult:
-    cfg = shards.config(settings)
+def run_shard(cfg: Config, account: str, shard: shards.Shard | None) -> StageResult:
     return embed(cfg.data_dir, account, cfg, shard=shard)
 
 
