@@ -22,6 +22,20 @@ SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size"
             "decode": {"workers": 0}}
 
 
+@pytest.fixture(autouse=True)
+def no_worker_profiler():
+    """Dask's workers sample every thread's stack (`sys._current_frames()`) every 10 ms. In
+    threads of this process, on CPython 3.11, a garbage collection inside that call runs
+    distributed's gc callback, which lets go of the GIL while the runtime's thread-list lock
+    is still held: the next thread to start then waits for that lock while holding the GIL,
+    and the whole process hangs (seen once in CI, the download stage's threads all waiting).
+    The profile is not what these tests are about."""
+    import dask
+
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        yield
+
+
 def _span(data_dir, account: str) -> tuple[datetime, datetime]:
     return tables.connect(data_dir).execute(
         "SELECT min(started_at), max(finished_at) FROM runs WHERE account = ? "
