@@ -1,13 +1,15 @@
-"""`python -m bench.ocr`: two real OCR engines on the real images of shared/samples/ocr/.
+"""`python -m bench.ocr`: real OCR engines on the real images of shared/samples/ocr/.
 
-Opt-in until the OCR stage exists (issue 31): each engine is measured when it is installed,
-`pip install rapidocr-onnxruntime` (PP-OCRv4 detection and recognition, ONNX, in the wheel)
-and Debian's `apt-get install tesseract-ocr` (tesseract 5 with English). The samples' SOURCES.tsv
+Each engine is measured when it is installed: `pip install rapidocr-onnxruntime` (PP-OCRv4
+detection and recognition, ONNX, in the wheel), Debian's `apt-get install tesseract-ocr`
+(tesseract 5 with English), and the OCR stage's own reader (`clipgram`: rapidocr at the stage's
+`max_side`, its run-together words split for search, `ocr.search_words`). The samples' SOURCES.tsv
 states the text of some images (a word crop's word, a page's ground truth, sometimes only a
 first line: PARTIAL) and marks the images with no text (NEGATIVE). Per engine:
 
 - word_recall: of the stated words (case and punctuation aside), the share that come out as
-  words of the engine's text: what a full-text search can then find; image_recall: the same
+  words of the engine's text (for `clipgram`, of what its search indexes): what a full-text
+  search can then find; image_recall: the same
   per image, averaged (a scanned page states hundreds of words, a word crop one);
 - cer: character error rate (edit distance / length) against the stated text, over the
   images whose whole text is stated, whitespace and case aside;
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import save_section
+
+Read = Callable[[Path], "str | tuple[str, str]"]  # an image → its text, or (text, what search indexes)
 
 SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "samples"))
 PARTIAL = re.compile(r"PARTIAL|not every word|first (detected )?line|first word", re.IGNORECASE)
@@ -73,7 +77,23 @@ def tesseract() -> Callable[[Path], str] | None:
     return read
 
 
-ENGINES = {"rapidocr-onnxruntime": rapidocr, "tesseract": tesseract}
+def clipgram_reader() -> Read | None:
+    try:
+        from PIL import Image
+
+        from clipgram.config import load_config
+        from clipgram.models import ocr
+        reader = ocr.from_config(load_config(environ={}).ocr)
+    except ImportError:
+        return None
+
+    def read(path: Path) -> tuple[str, str]:
+        row = reader.read(reader.preprocess(Image.open(path).convert("RGB"))[None])[0]
+        return row["text"], row["words"]
+    return read
+
+
+ENGINES = {"rapidocr-onnxruntime": rapidocr, "tesseract": tesseract, "clipgram": clipgram_reader}
 
 
 def samples() -> list[dict[str, str]]:
@@ -81,27 +101,28 @@ def samples() -> list[dict[str, str]]:
         return [r for r in csv.DictReader(f, delimiter="\t") if (SAMPLES / r["file"]).exists()]
 
 
-def measure(read: Callable[[Path], str], rows: list[dict[str, str]]) -> dict[str, Any]:
+def measure(read: Read, rows: list[dict[str, str]]) -> dict[str, Any]:
     stated = found = errors = characters = negatives = false_text = 0
     per_image: list[float] = []
     started = time.perf_counter()
     outputs = {}
     for row in rows:
         try:
-            outputs[row["file"]] = read(SAMPLES / row["file"])
+            got = read(SAMPLES / row["file"])
+            outputs[row["file"]] = got if isinstance(got, tuple) else (got, got)
         except Exception as e:  # noqa: BLE001 — an engine's failure on one image is that image's
-            outputs[row["file"]] = ""
+            outputs[row["file"]] = ("", "")
             print(f"{row['file']}: {type(e).__name__}: {e}")
     seconds = time.perf_counter() - started
     for row in rows:
-        got = outputs[row["file"]]
+        got, indexed = outputs[row["file"]]
         if row["notes"].startswith("NEGATIVE"):
             negatives += 1
             false_text += bool(words(got))
         if not row["text"]:
             continue
         truth = [w for part in row["text"].split(" | ") for w in words(part)]
-        have = set(words(got))
+        have = set(words(indexed))
         stated += len(truth)
         found += sum(w in have for w in truth)
         per_image.append(sum(w in have for w in truth) / max(len(truth), 1))

@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None if gpu else 1,
                         help="decode workers (default on a GPU: decode.workers = auto)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--models-only", action="store_true",
+                        help="download, decode, embed and caption only: the sections a GPU host changes "
+                             "(bench/device.sh)")
     args = parser.parse_args(argv)
     device = pick_device("auto")
     work = Path(tempfile.mkdtemp(prefix="clipgram-bench-"))
@@ -356,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
         results["one_pass"] = bench_one_pass(
             data, device, args.caption_images, args.batch_size, args.caption_batch_size, args.workers,
             {"embed": results["embed"]["e2e_ips"], "caption": results["caption"]["e2e_ips"]})
+        if args.models_only:
+            _write(results, args.out)
+            return
         results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
         results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
         results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
@@ -370,8 +376,12 @@ def main(argv: list[str] | None = None) -> None:
         results["odd_images"] = bench_odd_images.run(work / "odd-images")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    _write(results, args.out)
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

@@ -53,7 +53,7 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
 
 
 def view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
-             captioner_id: str | None, root: str = ".") -> dict[str, str]:
+             captioner_id: str | None, root: str = ".", *, ocr_id: str | None = None) -> dict[str, str]:
     """The catalog's views; `root` is how their SQL names the data directory (see tables.scan_sql)."""
     views = {
         "posts": tables.latest_sql(tables.POSTS, data_dir, root),
@@ -68,16 +68,22 @@ def view_sql(data_dir: Path, clip_id: str | None, dim: int | None,
             "SELECT sha256, model, caption FROM "
             f"({tables.scan_sql(tables.CAPTIONS, data_dir, root, captioner_id or 'none')}) "
             "WHERE error IS NULL"),
+        "ocr": (
+            "SELECT sha256, model, text, words, lines, languages FROM "
+            f"({tables.scan_sql(tables.OCR, data_dir, root, ocr_id or 'none')}) "
+            "WHERE error IS NULL"),
         "runs": tables.latest_sql(tables.RUNS, data_dir, root),  # the stage ledger, for history
     }
     # one row per downloaded image with everything a user asks about
     views["images"] = """
         SELECT m.account, m.media_id, m.shortcode, m.position, m.sha256, m.path, m.width, m.height,
                m.is_video, p.taken_at, p.caption AS post_caption, p.hashtags, p.mentions, p.likes,
-               p.comments, p.permalink, p.accessibility_caption, c.caption AS generated_caption
+               p.comments, p.permalink, p.accessibility_caption, c.caption AS generated_caption,
+               o.text AS ocr_text
         FROM media m
         JOIN posts p USING (account, shortcode)
         LEFT JOIN captions c USING (sha256)
+        LEFT JOIN ocr o USING (sha256)
         WHERE m.status = 'done'"""
     for table in derived.ALL_DERIVED:  # zero-shot labels, clusters, map, duplicates
         views[table.name] = derived.view_sql(table, data_dir, root, clip_id)
@@ -113,7 +119,7 @@ MACROS = [
     # ... and (media_id, score) of every document matching a word of q
     """CREATE MACRO bm25(q) AS TABLE
        SELECT media_id, sum(score) AS score FROM bm25_terms(bm25_words(q)) GROUP BY media_id""",
-    # BM25 over generated captions, post captions, hashtags and alt text
+    # BM25 over generated captions, post captions, hashtags, alt text and the text in the image
     """CREATE MACRO search_captions(q, k) AS TABLE
        SELECT i.*, d.score FROM bm25(q) d JOIN images i USING (media_id)
        ORDER BY d.score DESC, i.media_id LIMIT k""",
@@ -136,7 +142,7 @@ _UDF_MACROS = [
 def layout() -> str:
     """A digest of the SQL this version of clipgram builds a catalog with (its views and
     macros): publishing rebuilds a catalog built with other SQL though no table changed."""
-    views = view_sql(Path("."), "model", 1, "captioner")
+    views = view_sql(Path("."), "model", 1, "captioner", ocr_id="ocr")
     return hashlib.sha256(json.dumps([views, MACROS, _UDF_MACROS]).encode()).hexdigest()[:16]
 
 

@@ -314,11 +314,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
 
 
 def _status(cfg: Config) -> list[dict]:
-    clip_id = captioner_id = None
-    if (cfg.data_dir / catalog.CATALOG).exists():
-        meta = catalog.meta(catalog.connect(cfg.data_dir))
-        clip_id, captioner_id = meta.get("clip_model"), meta.get("captioner")
-    return status.rows(cfg.data_dir, clip_id, captioner_id)
+    meta = catalog.meta(catalog.connect(cfg.data_dir)) if (cfg.data_dir / catalog.CATALOG).exists() else {}
+    return status.rows(cfg.data_dir, meta.get("clip_model"), meta.get("captioner"), meta.get("ocr"))
 
 
 def cmd_app(args: argparse.Namespace) -> int:

@@ -134,6 +134,18 @@ class CaptionSettings:
 
 
 @dataclass(frozen=True)
+class OcrSettings:
+    enabled: bool
+    engine: Literal["rapidocr"]
+    batch_size: Count
+    max_side: Annotated[int, Between(64)]
+    min_confidence: Annotated[float, Between(0, 1)]
+    threads: Annotated[int, Between(0)]
+    retry_failed: bool
+    part_rows: Count
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     k: Count
     ann_threshold: Count
@@ -173,6 +185,7 @@ class Config:
     decode: DecodeSettings
     embed: EmbedSettings
     caption: CaptionSettings
+    ocr: OcrSettings
     search: SearchSettings
     orchestration: OrchestrationSettings
     analysis: AnalysisSettings

@@ -1,4 +1,4 @@
-"""The DAG, declared once: the six stages in order, each a small typed record.
+"""The DAG, declared once: the seven stages in order, each a small typed record.
 
 The flow (which tasks retry), the runner (what a stage runs and when it may be
 skipped), reruns (which stages come after which), the Dask runner (which tasks
@@ -78,14 +78,21 @@ def _caption(cfg: Config, account: str, origin: Origin) -> StageResult:
     return caption.run(cfg, account)
 
 
+def _ocr(cfg: Config, account: str, origin: Origin) -> StageResult:
+    from clipgram.stages import ocr
+
+    return ocr.run(cfg, account)
+
+
 def _publish(cfg: Config, account: str, origin: Origin) -> StageResult:
     from clipgram.models import captioner, clip
+    from clipgram.models import ocr as ocr_model
     from clipgram.stages import publish
 
     encoder = clip.from_config(cfg.models)
     model = captioner.from_config(cfg.models, cfg.caption)
     return publish.publish(cfg.data_dir, encoder.id, encoder.dim, model.id, account,
-                           ann_threshold=cfg.search.ann_threshold)
+                           ann_threshold=cfg.search.ann_threshold, ocr_id=ocr_model.published_id(cfg.ocr))
 
 
 def _analyse(cfg: Config, account: str, origin: Origin) -> StageResult:
@@ -109,10 +116,14 @@ DAG: tuple[Stage, ...] = (
     Stage("caption", _caption, gpu=True,
           tables=lambda account: [_media(account), f"{tables.CAPTIONS.name}/**/*.parquet"],
           settings=("models", "caption")),
+    # the text in images: on the CPU (onnxruntime), so no GPU unit on Dask
+    Stage("ocr", _ocr,
+          tables=lambda account: [_media(account), f"{tables.OCR.name}/**/*.parquet"],
+          settings=("ocr",)),
     Stage("publish", _publish,
           tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES
                                   if t is not tables.RUNS],
-          settings=("models", "caption"), depends=_catalog_layout),
+          settings=("models", "caption", "ocr"), depends=_catalog_layout),
     # reads the published catalog and every table; writes the derived tables and their fits
     Stage("analyse", _analyse,
           tables=lambda account: [f"{t.name}/**/*.parquet" for t in tables.ALL_TABLES if t is not tables.RUNS]

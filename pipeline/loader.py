@@ -276,7 +276,8 @@ class ImageFiles(Dataset):
         return self.transform.crop(image) if self.transform else self.preprocess(image)
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.transform.finish(batch) if batch.dtype == torch.uint8 else batch
+        # uint8 crops are normalised here; a preprocess of its own (OCR's) gives the model's input
+        return self.transform.finish(batch) if self.transform and batch.dtype == torch.uint8 else batch
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
         start = time.perf_counter()

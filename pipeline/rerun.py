@@ -41,11 +41,11 @@ def plan(status_rows: list[dict], account: str, stage: str | None, only: bool,
 
 
 def retrying_failed_rows(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """`settings` with [embed] and [caption] retry_failed on: embeddings and captions are
+    """`settings` with [embed], [caption] and [ocr] retry_failed on: their outputs are
     rows, not a queue, so each stage itself takes up the images whose rows record an error.
     A changed setting also changes the stage's input fingerprint: the ledger does not skip it."""
     return {**settings, **{section: {**settings[section], "retry_failed": True}
-                           for section in ("embed", "caption")}}
+                           for section in ("embed", "caption", "ocr")}}
 
 
 def requeue_failed(data_dir: Path, account: str) -> int:

@@ -538,5 +538,5 @@ def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.Cl
 
 def caption_search(con: duckdb.DuckDBPyConnection, data_dir: Path, query: str, k: int = 10,
                    filters: Filters | None = None) -> list[Hit]:
-    """BM25 over generated captions, post captions, hashtags and alt text."""
+    """BM25 over generated captions, post captions, hashtags, alt text and the text in images."""
     return search(con, data_dir, [Term("text", query)], k, "captions", filters)[1]

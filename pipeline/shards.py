@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from clipgram import tables
+from clipgram import dag, tables
 from clipgram.config import Config, load_config
 from clipgram.lock import partition_lock
 from clipgram.result import StageResult
@@ -76,7 +76,7 @@ def run(cfg: Config, stage: str, account: str, partitions: list[tuple[tables.Tab
     if not todo:
         return StageResult(stage, account, note=model_id).log()
     count = count_for(todo, cfg.orchestration.dask_shard_images)
-    resource = cfg.orchestration.dask_gpu_resource
+    resource = cfg.orchestration.dask_gpu_resource if dag.stage(stage).gpu else ""  # OCR: the CPU
     run_id = uuid.uuid4().hex[:8]
     with contextlib.ExitStack() as held:
         for table, model in sorted(partitions, key=lambda p: p[0].name):  # inference.run_heads' order

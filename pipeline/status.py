@@ -26,7 +26,8 @@ def _alive(host: str | None, pid: int | None) -> bool:
     return True
 
 
-def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[dict]:
+def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None,
+         ocr_id: str | None = None) -> list[dict]:
     """Per account and stage: done / pending / failed items, the last run and the last error.
 
     `last_run` is the stage's latest attempt in the runs ledger (completed,
@@ -37,11 +38,13 @@ def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[
     emb = tables.scan_sql(tables.EMBEDDINGS, data_dir, str(data_dir), clip_id or "none")
     # the newest row per image: a caption retried after a failure counts as done
     cap = tables.latest_sql(tables.CAPTIONS, data_dir, str(data_dir), captioner_id or "none")
+    ocr = tables.latest_sql(tables.OCR, data_dir, str(data_dir), ocr_id or "none")
     found = [dict(zip((*COLUMNS, "host", "pid"), row)) for row in con.execute(f"""
         WITH images AS (SELECT DISTINCT account, sha256 FROM media WHERE status = 'done'),
         emb AS (SELECT sha256, bool_or(embedding IS NOT NULL) AS ok, any_value(error) AS error
                 FROM ({emb}) GROUP BY sha256),
         cap AS (SELECT sha256, any_value(error) AS error FROM ({cap}) GROUP BY sha256),
+        ocr AS (SELECT sha256, any_value(error) AS error FROM ({ocr}) GROUP BY sha256),
         counts(account, stage, done, pending, failed, last_error) AS (
         SELECT account, 'scrape', count(*), 0, 0, NULL FROM posts GROUP BY account
         UNION ALL
@@ -56,7 +59,11 @@ def rows(data_dir: Path, clip_id: str | None, captioner_id: str | None) -> list[
         UNION ALL
         SELECT account, 'caption', count(cap.sha256) FILTER (cap.error IS NULL),
                count(*) - count(cap.sha256), count(cap.error), any_value(cap.error)
-        FROM images LEFT JOIN cap USING (sha256) GROUP BY account),
+        FROM images LEFT JOIN cap USING (sha256) GROUP BY account
+        UNION ALL  -- only when the catalog reads an OCR model's text
+        SELECT account, 'ocr', count(ocr.sha256) FILTER (ocr.error IS NULL),
+               count(*) - count(ocr.sha256), count(ocr.error), any_value(ocr.error)
+        FROM images LEFT JOIN ocr USING (sha256) WHERE {ocr_id is not None} GROUP BY account),
         -- stages without items of their own (publish, analyse): what their last completed run did
         did AS (SELECT account, stage, done FROM runs WHERE status = 'completed'
                 QUALIFY row_number() OVER (PARTITION BY account, stage ORDER BY started_at DESC) = 1),

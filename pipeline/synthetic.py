@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from itertools import product
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -99,3 +99,22 @@ def draw(shape: str, fill: tuple[int, ...], background: tuple[int, ...],
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     return img
+
+
+def poster(lines: list[str], size: int = 320, rng: random.Random | None = None) -> Image.Image:
+    """A poster: `lines` of dark text centred on a light ground, the size scaled to fit the
+    widest line (Pillow's own TrueType font: the same pixels on every machine)."""
+    rng = rng or random.Random(0)
+    image = Image.new("RGB", (size, size), _jitter((238, 232, 215), rng, 12))
+    pen = ImageDraw.Draw(image)
+    font_size = size // 8
+    while font_size > 8:
+        font = ImageFont.load_default(font_size)
+        if max(pen.textlength(line, font=font) for line in lines) <= 0.86 * size:
+            break
+        font_size -= 1
+    step = font_size * 1.35
+    top = (size - step * len(lines)) / 2
+    for i, line in enumerate(lines):
+        pen.text((size / 2, top + i * step), line, fill=(25, 25, 35), font=font, anchor="ma")
+    return image

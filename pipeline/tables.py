@@ -137,7 +137,22 @@ RUNS = Table("runs", "account", ("account", "attempt_id"), pa.schema([
     ("updated_at", TS),
 ]))
 
-ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS, PROFILES, RUNS)
+# the text an OCR model read in an image: its lines in reading order, each with its box
+# (4 corners, x then y, as fractions of the image's width and height) and confidence
+OCR_LINE = pa.struct([("text", pa.string()), ("box", pa.list_(pa.float32(), 8)),
+                      ("confidence", pa.float32())])
+OCR = Table("ocr", "model", ("model", "sha256"), pa.schema([
+    ("sha256", pa.string()),
+    ("text", pa.string()),              # the lines joined by newlines; '' when it found none
+    ("words", pa.string()),             # what full-text search indexes: the text, and the words of
+                                        # its run-together Latin letters (ocr.search_words)
+    ("lines", pa.list_(OCR_LINE)),
+    ("languages", pa.list_(pa.string())),  # what the model reads (ISO 639-1)
+    ("error", pa.string()),
+    ("updated_at", TS),
+]))
+
+ALL_TABLES = (POSTS, MEDIA, EMBEDDINGS, CAPTIONS, OCR, PROFILES, RUNS)
 
 
 def now() -> datetime:
@@ -221,10 +236,19 @@ def remove_stale_temp_files(directory: Path, pattern: str = "**/.*.tmp") -> int:
     return removed
 
 
-_DUCK_TYPES = {
-    pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN",
-    TS: "TIMESTAMPTZ", pa.list_(pa.string()): "VARCHAR[]", pa.list_(pa.float32()): "FLOAT[]",
-}
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN",
+               pa.float32(): "FLOAT", TS: "TIMESTAMPTZ"}
+
+
+def _duck_type(arrow: pa.DataType) -> str:
+    """DuckDB's name for a column type of the schemas above (lists and structs of them too)."""
+    if isinstance(arrow, pa.FixedSizeListType):
+        return f"{_duck_type(arrow.value_type)}[{arrow.list_size}]"
+    if isinstance(arrow, pa.ListType):
+        return f"{_duck_type(arrow.value_type)}[]"
+    if isinstance(arrow, pa.StructType):
+        return f"STRUCT({', '.join(f'{f.name} {_duck_type(f.type)}' for f in arrow)})"
+    return _DUCK_TYPES[arrow]
 
 
 def scan_sql(table: Table, data_dir: Path, root: str, value: str | None = None) -> str:
@@ -234,7 +258,7 @@ def scan_sql(table: Table, data_dir: Path, root: str, value: str | None = None) 
     (an absolute path, or "." for views resolved against the data directory).
     """
     pattern = f"{root}/tables/{table.name}/{table.parts(value)}"
-    columns = [f"NULL::{_DUCK_TYPES[f.type]} AS {f.name}" for f in table.schema]
+    columns = [f"NULL::{_duck_type(f.type)} AS {f.name}" for f in table.schema]
     columns.append(f"NULL::VARCHAR AS {table.partition}")
     empty = f"SELECT {', '.join(columns)} WHERE false"
     if any(table.dir(data_dir).glob(table.parts(value))):

@@ -60,9 +60,10 @@ def test_two_accounts_on_a_two_worker_dask_cluster_make_the_tables_of_the_defaul
         executed = [w.state.executed_count for w in dask_cluster.workers.values()]
     assert {a: [r.stage for r in rs] for a, rs in results.items()} == {
         A: list(dag.NAMES), B: list(dag.NAMES)}
-    # every stage ran on a worker, none in the flow, and A's embed stage sent one shard task,
-    # which captioned too (nothing was left for the caption stages, nor for B's: its images are A's)
-    assert sum(executed) == 2 * len(dag.NAMES) + 1
+    # every stage ran on a worker, none in the flow, and A's embed and ocr stages sent one shard
+    # task each; embed's captioned too (nothing was left for the caption stages, nor for B's:
+    # its images are A's)
+    assert sum(executed) == 2 * len(dag.NAMES) + 2
     (a_start, a_end), (b_start, b_end) = _span(cfg.data_dir, A), _span(cfg.data_dir, B)
     assert a_start < b_end and b_start < a_end  # the two accounts fetched at the same time
 
@@ -97,7 +98,8 @@ def test_a_model_stage_split_into_shards_over_two_workers_makes_the_tables_of_on
     # every image once, over the shards, embedded and captioned from one decode
     assert embedded.done == embedded.details["captioned"] == embedded.details["decoded"] == images
     assert results["caption"].done == 0
-    assert executed == len(dag.NAMES) + shards
+    assert results["ocr"].details["shards"] == shards and results["ocr"].done == images
+    assert executed == len(dag.NAMES) + 2 * shards  # embed's shards and ocr's
     actual = snapshot(cfg.data_dir)  # raw parts: a row written twice would show
     assert_same(actual, expected)
     parts = list((cfg.data_dir / "tables" / "embeddings").rglob("*.parquet"))

@@ -80,7 +80,7 @@ def test_failed_stage_shows_in_status_and_reruns_then_failed_media_retry(
 
     # `rerun` starts at the failed stage and finishes the DAG with a good model
     good = make_config(tmp_path / "data")
-    assert rerun.plan(list(status.values()), A, None, False, False) == ["embed", "caption", "publish", "analyse"]
+    assert rerun.plan(list(status.values()), A, None, False, False) == ["embed", "caption", "ocr", "publish", "analyse"]
     assert main(["rerun", "--account", A, *_fetch_args(good)]) == 0
     status = _status(good)
     images = status["download"]["done"]
@@ -231,7 +231,7 @@ def test_rerun_plan():
     rows = [{"account": A, "stage": s, "pending": 0, "failed": 0, "last_run": "completed"}
             for s in dag.NAMES]
     assert rerun.plan(rows, A, None, False, False) == []
-    assert rerun.plan(rows, A, "embed", False, False) == ["embed", "caption", "publish", "analyse"]
+    assert rerun.plan(rows, A, "embed", False, False) == ["embed", "caption", "ocr", "publish", "analyse"]
     assert rerun.plan(rows, A, "embed", True, False) == ["embed"]
     rows[1]["failed"] = 2
     assert rerun.plan(rows, A, None, False, False) == []

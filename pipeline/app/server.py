@@ -237,7 +237,7 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
     @app.get("/api/status", summary="Per account and stage: done, pending, failed; the failed items")
     def api_status(failed: int = Query(100, ge=0, le=1000)) -> dict[str, Any]:
         meta = catalog.meta(library.cursor())
-        rows = status.rows(library.data_dir, meta.get("clip_model"), meta.get("captioner"))
+        rows = status.rows(library.data_dir, meta.get("clip_model"), meta.get("captioner"), meta.get("ocr"))
         con = library.cursor()
         items = con.execute("SELECT account, media_id, url, error FROM media WHERE status = 'failed' "
                             "ORDER BY account, media_id LIMIT ?", [failed]).fetchall()

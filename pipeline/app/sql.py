@@ -94,7 +94,7 @@ def _open(data_dir: Path, load_encoder: Callable[[], Any]) -> duckdb.DuckDBPyCon
     # the catalog's own views name the data directory relatively, which the access check
     # below refuses; the same views over its absolute path come first on the search path
     for name, view in catalog.view_sql(data_dir, clip_id, int(dim) if dim else None,
-                                       stored.get("captioner"), root).items():
+                                       stored.get("captioner"), root, ocr_id=stored.get("ocr")).items():
         con.execute(f"CREATE VIEW {name} AS {view}")
     con.execute(f"SET search_path = 'memory.main,{catalog.CATALOG_NAME}.main,"
                 f"{catalog.CATALOG_NAME}.fts_main_documents'")

@@ -114,15 +114,16 @@ def _published(data_dir: Path) -> dict[str, Any]:
 
 def publish(data_dir: Path, clip_id: str | None, dim: int | None,
             captioner_id: str | None, account: str = "*", force: bool = False,
-            quiet: bool = False, ann_threshold: int | None = None) -> StageResult:
+            quiet: bool = False, ann_threshold: int | None = None, ocr_id: str | None = None) -> StageResult:
     """Rebuild catalog.duckdb (views, search documents, FTS index) and swap it in atomically.
 
     Skipped when no table part and no model changed since the last publish. `quiet`: no log
     line (a stage that publishes on the way says so itself). `ann_threshold`: from how many
-    images to build the approximate index too (None: never).
+    images to build the approximate index too (None: never). `ocr_id`: the OCR model whose
+    text the images show and search finds (None: none).
     """
     final = data_dir / catalog.CATALOG
-    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold)
+    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold, ocr_id)
     previous = _published(data_dir)
     if not force and previous.get("fingerprint") == fingerprint:
         result = StageResult("publish", account, note="catalog up to date")
@@ -132,26 +133,27 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     con = duckdb.connect(str(tmp))
     try:
         con.execute(f"SET file_search_path = '{data_dir}'")
-        for name, sql in catalog.view_sql(data_dir, clip_id, dim, captioner_id).items():
+        for name, sql in catalog.view_sql(data_dir, clip_id, dim, captioner_id, ocr_id=ocr_id).items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
         index, approximate = _write_vector_index(con, data_dir, fingerprint, clip_id, dim, ann_threshold, previous)
         con.execute("CREATE TABLE clipgram_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         con.executemany("INSERT INTO clipgram_meta VALUES (?, ?)", [
             ["clip_model", clip_id], ["clip_dim", str(dim) if dim else None],
-            ["captioner", captioner_id], ["fingerprint", fingerprint], ["vector_index", index],
+            ["captioner", captioner_id], ["ocr", ocr_id], ["fingerprint", fingerprint], ["vector_index", index],
             ["ann_index", approximate], ["layout", catalog.layout()]])
         # FTS indexes tables, not views: materialise one document per image
         con.execute("""
             CREATE TABLE documents AS
-            SELECT media_id, account, sha256,
-                   coalesce(generated_caption, '') AS generated_caption,
-                   coalesce(post_caption, '') AS post_caption,
-                   array_to_string(hashtags, ' ') AS hashtags,
-                   coalesce(accessibility_caption, '') AS accessibility_caption
-            FROM images""")
+            SELECT i.media_id, i.account, i.sha256,
+                   coalesce(i.generated_caption, '') AS generated_caption,
+                   coalesce(i.post_caption, '') AS post_caption,
+                   array_to_string(i.hashtags, ' ') AS hashtags,
+                   coalesce(i.accessibility_caption, '') AS accessibility_caption,
+                   coalesce(o.words, '') AS ocr_text  -- run-together words split (ocr.search_words)
+            FROM images i LEFT JOIN ocr o USING (sha256)""")
         catalog.load_extension(con, "fts")
         con.execute("PRAGMA create_fts_index('documents', 'media_id', 'generated_caption', "
-                    "'post_caption', 'hashtags', 'accessibility_caption', overwrite = 1)")
+                    "'post_caption', 'hashtags', 'accessibility_caption', 'ocr_text', overwrite = 1)")
         for macro in catalog.MACROS:
             con.execute(macro)
         documents = con.execute("SELECT count(*) FROM documents").fetchone()[0]
@@ -169,7 +171,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     # just before the swap reads the files it names a moment later
     _drop_stale_indexes(data_dir, {index, approximate, previous.get("vector_index"), previous.get("ann_index")})
     _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id,
-                             "ann_threshold": ann_threshold})
+                             "ann_threshold": ann_threshold, "ocr": ocr_id})
     result = StageResult("publish", account, done=documents, note="searchable images")
     return result if quiet else result.log()
 
@@ -199,4 +201,5 @@ def republish(data_dir: Path, account: str = "*", force: bool = False, quiet: bo
             models = catalog.meta(con)
     dim = models.get("clip_dim")
     return publish(data_dir, models.get("clip_model"), int(dim) if dim else None,
-                   models.get("captioner"), account, force, quiet, models.get("ann_threshold"))
+                   models.get("captioner"), account, force, quiet, models.get("ann_threshold"),
+                   models.get("ocr"))

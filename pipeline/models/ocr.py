@@ -1,0 +1,158 @@
+"""Text in images: a real pretrained OCR model, PP-OCRv4 (detection, orientation, recognition).
+
+It runs through rapidocr-onnxruntime, whose wheel ships the three ONNX models: nothing is
+fetched from a hub (`pip install 'clipgram[ocr]'`). PP-OCRv4's Chinese model reads Chinese
+and English (chosen over tesseract by measurement: `python -m bench.ocr`, README "Text in
+images"). The engine reads one image at a time on the CPU; the stage's loader decodes ahead.
+
+Images reach the engine as batches of one fixed shape (the loader stacks them): each is
+scaled to fit `max_side` and placed at the top left of a square, with a fourth channel
+marking where the image is, so the reader crops each back to its own size.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipgram.config import OcrSettings
+from clipgram.errors import ClipgramError
+
+log = logging.getLogger("clipgram.ocr")
+
+PACKAGE = "rapidocr-onnxruntime"
+MODEL = "PP-OCRv4"
+LANGUAGES = ("zh", "en")  # what PP-OCRv4's Chinese recogniser reads
+INSTALL = "pip install 'clipgram[ocr]'"
+
+
+class OcrMissing(ClipgramError, ImportError):
+    pass
+
+
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def model_id(settings: OcrSettings) -> str:
+    """The OCR partition's name (the model and the engine's version), without loading it."""
+    version = installed_version()
+    if version is None:
+        raise OcrMissing(f"reading text in images needs {PACKAGE}: {INSTALL} "
+                         f"(or turn it off: [ocr] enabled = false)")
+    return f"{MODEL}@rapidocr-{version}"
+
+
+def published_id(settings: OcrSettings) -> str | None:
+    """The OCR model whose text the catalog shows: None when OCR is off or not installed."""
+    return model_id(settings) if settings.enabled and installed_version() else None
+
+
+@dataclass(frozen=True)
+class Line:
+    text: str
+    box: list[float]  # x1, y1, … x4, y4 as fractions of the image's width and height
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Square:
+    """The preprocess: a PIL image → uint8 (4, side, side), RGB and a mask of where the image is
+    (a class, not a closure: decode workers receive it pickled)."""
+
+    side: int
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        scale = min(1.0, self.side / max(image.size))
+        if scale < 1.0:
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR)
+        out = torch.zeros((4, self.side, self.side), dtype=torch.uint8)
+        out[:3, :image.height, :image.width] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        out[3, :image.height, :image.width] = 255
+        return out
+
+
+def unsquare(item: torch.Tensor) -> np.ndarray:
+    """One preprocessed image → the engine's input: HWC uint8, BGR (OpenCV's order), its own size."""
+    mask = item[3]
+    height = int(mask[:, 0].count_nonzero())
+    width = int(mask[0].count_nonzero())
+    return np.ascontiguousarray(item[:3, :height, :width].permute(1, 2, 0).numpy()[:, :, ::-1])
+
+
+class OcrReader:
+    def __init__(self, settings: OcrSettings):
+        self.id = model_id(settings)
+        self.languages = list(LANGUAGES)
+        self.min_confidence = settings.min_confidence
+        self.device = torch.device("cpu")  # onnxruntime's CPU provider: no GPU wheel here
+        self.preprocess = Square(settings.max_side)
+        from rapidocr_onnxruntime import RapidOCR
+
+        threads = settings.threads or -1
+        self.engine = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=threads,
+                               text_score=settings.min_confidence)
+
+    def read_one(self, image: np.ndarray) -> list[Line]:
+        """The lines of text in one image (HWC BGR), in reading order: top to bottom, then left
+        to right along a line."""
+        found, _ = self.engine(image)
+        height, width = image.shape[:2]
+        lines = [Line(str(text).strip(), [float(v) for x, y in box for v in (x / width, y / height)],
+                      float(score))
+                 for box, text, score in found or [] if str(text).strip() and float(score) >= self.min_confidence]
+        return sorted(lines, key=_reading_order(lines))
+
+    def read(self, batch: torch.Tensor) -> list[dict[str, Any]]:
+        """One row per image of a batch from `preprocess` (the OCR table's columns)."""
+        return [row(self.read_one(unsquare(item)), self.languages) for item in batch.cpu()]
+
+
+_LATIN_RUN = re.compile(r"[A-Za-z]{6,}")
+
+
+def search_words(text: str) -> str:
+    """`text` with the words of each long run of Latin letters appended where it splits.
+
+    PP-OCRv4's recogniser often drops the spaces between English words ("JAZZNIGHT",
+    "Cleanhandswithsoapandwater"), which full-text search cannot then find. wordninja
+    splits such runs by English word frequencies; the run itself stays too, so a name it
+    splits wrongly ("Instagram" → "Insta gram") is still found as written.
+    """
+    import wordninja
+
+    extra = [" ".join(parts) for run in _LATIN_RUN.findall(text) if len(parts := wordninja.split(run)) > 1]
+    return "\n".join([text, *extra]) if extra else text
+
+
+def row(lines: list[Line], languages: list[str]) -> dict[str, Any]:
+    text = "\n".join(line.text for line in lines)
+    return {"text": text, "words": search_words(text),
+            "lines": [{"text": line.text, "box": line.box, "confidence": line.confidence} for line in lines],
+            "languages": languages, "error": None}
+
+
+def _reading_order(lines: list[Line]):
+    """Sort key: lines whose vertical middles are within half a line's height share a row."""
+    heights = sorted(max(line.box[1::2]) - min(line.box[1::2]) for line in lines) or [0.0]
+    row_height = max(heights[len(heights) // 2], 1e-6)
+
+    def key(line: Line) -> tuple[int, float]:
+        middle = (min(line.box[1::2]) + max(line.box[1::2])) / 2
+        return round(middle / row_height), min(line.box[0::2])
+    return key
+
+
+def from_config(settings: OcrSettings) -> OcrReader:
+    return OcrReader(settings)
