@@ -155,7 +155,7 @@ def _filters(args: argparse.Namespace) -> search.Filters:
     return search.Filters(
         accounts=args.account or [], since=args.posted_since, until=args.posted_until,
         hashtags=args.hashtag or [], min_likes=args.min_likes, labels=[search.parse_label_filter(t) for t in args.label or []],
-        where=args.where)
+        has_text=args.has_text, where=args.where)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -514,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-likes", type=int, help="at least N likes")
     p.add_argument("--label", action="append", metavar="SET=LABEL",
                    help="best zero-shot label of SET is LABEL (see `clipgram labels`)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--with-text", dest="has_text", action="store_const", const=True,
+                      help="only images with text in them (read by the ocr stage)")
+    text.add_argument("--without-text", dest="has_text", action="store_const", const=False,
+                      help="only images without text in them")
     p.add_argument("--where", help="SQL predicate over the images view, e.g. \"likes > 100\"")
     p.add_argument("--literal", action="store_true",
                    help="search the query as typed: read no dates, @accounts, #hashtags or likes from it")

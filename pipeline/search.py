@@ -178,10 +178,11 @@ class Filters:
     hashtags: list[str] = field(default_factory=list)   # every one must be on the post
     min_likes: int | None = None
     labels: list[tuple[str, str]] = field(default_factory=list)  # (label set, label) ranked first
+    has_text: bool | None = None        # text read in the image (ocr stage): True with, False without
     where: str | None = None            # validated SQL predicate over `images`
 
     def __bool__(self) -> bool:
-        return any(vars(self).values())
+        return any(vars(self).values()) or self.has_text is not None
 
     def media_sql(self) -> tuple[str, list[Any]]:
         """`SELECT media_id FROM images WHERE …` selecting the images that pass, and its parameters."""
@@ -205,6 +206,8 @@ class Filters:
             clauses.append("sha256 IN (SELECT sha256 FROM labels WHERE label_set = ? AND label = ? "
                            "AND rank = 1)")
             params += [label_set, label]
+        if self.has_text is not None:
+            clauses.append(f"coalesce(ocr_text, '') {'<>' if self.has_text else '='} ''")
         if self.where:
             clauses.append(f"({validate_where(self.where)})")
         return f"SELECT media_id FROM images WHERE {' AND '.join(clauses)}", params

@@ -3,7 +3,10 @@ images and rendered posters, its rows in the DAG's tables, and its text in SQL a
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import random
 
 import pytest
@@ -101,6 +104,36 @@ def test_stage_in_the_dag_sql_and_search(prefect_harness, make_config, tmp_path)
         "SELECT shortcode FROM images WHERE post_caption = 'p1.png'").fetchone()[0]]
     stage_rows = {r["stage"]: r for r in _status(cfg)}
     assert (stage_rows["ocr"]["done"], stage_rows["ocr"]["pending"]) == (5, 0)
+    _app_and_cli_filter_by_text(cfg, texts)
+
+
+def _app_and_cli_filter_by_text(cfg, texts):
+    """The app's image page shows the text; search filters to images with or without text, in
+    the API and the CLI alike."""
+    import httpx
+
+    from clipgram.app import library, server
+    from clipgram.cli import main
+
+    con = catalog.connect(cfg.data_dir)
+    media = dict(con.execute("SELECT post_caption, media_id FROM images").fetchall())
+    with server.running(library.Library(cfg.data_dir, cfg.models)) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get(f"/api/image/{media['p1.png']}").json()["image"]["ocr_text"] == texts["p1.png"]
+        found = {text: {r["post_caption"] for r in http.get("/api/search", params={
+            "q": "a shape", "mode": "clip", "text": text}).json()["results"]} for text in ("with", "without")}
+        assert found == {"with": {"p1.png", "p2.png"}, "without": {"scene0.jpg", "scene1.jpg", "scene2.jpg"}}
+        assert http.get("/api/search", params={"q": "x", "text": "maybe"}).status_code == 422
+    base = ["--data-dir", str(cfg.data_dir), "--clip-model", "tiny", "--captioner", "tiny", "--device", "cpu",
+            "--json", "--mode", "clip"]
+    shortcode = dict(con.execute("SELECT post_caption, shortcode FROM images").fetchall())
+    for flag, names in (("--with-text", {"p1.png", "p2.png"}),
+                        ("--without-text", {"scene0.jpg", "scene1.jpg", "scene2.jpg"})):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["search", "a shape", *base, flag]) == 0
+        rows = json.loads(printed.getvalue()[printed.getvalue().index("["):])
+        assert {r["shortcode"] for r in rows} == {shortcode[name] for name in names}
 
 
 def _status(cfg):

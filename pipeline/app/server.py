@@ -94,9 +94,10 @@ def _results(con, hits: list[search.Hit]) -> list[dict[str, Any]]:
 
 
 def _filters(account: list[str], since: date | None, until: date | None, hashtag: list[str],
-             min_likes: int | None, label: list[str]) -> search.Filters:
+             min_likes: int | None, label: list[str], text: str | None = None) -> search.Filters:
     return search.Filters(accounts=account, since=since, until=until, hashtags=hashtag,
-                          min_likes=min_likes, labels=[search.parse_label_filter(t) for t in label])
+                          min_likes=min_likes, labels=[search.parse_label_filter(t) for t in label],
+                          has_text=None if not text else text == "with")
 
 
 def command(library: Library, *args: str) -> str:
@@ -178,10 +179,12 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                    account: list[str] = Query([]), since: date | None = None, until: date | None = None,
                    hashtag: list[str] = Query([]), min_likes: int | None = Query(None, ge=0),
                    label: list[str] = Query([], description="SET=LABEL"),
+                   text: str | None = Query(None, pattern="^(with|without)$",
+                                            description="images with text in them (read by OCR), or without"),
                    literal: bool = Query(False, description="search the text as typed: read no dates, "
                                                             "@accounts, #hashtags or likes from it")
                    ) -> dict[str, Any]:
-        parsed, filters = query.read(q, _filters(account, since, until, hashtag, min_likes, label),
+        parsed, filters = query.read(q, _filters(account, since, until, hashtag, min_likes, label, text),
                                      date.today(), literal)
         # files=False: a term that looks like a file name is text here, never a path to read
         terms = search.parse_query(parsed.text, files=False)
@@ -231,6 +234,7 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                           "hashtags": info["hashtags"], "mentions": info["mentions"],
                           "comments": info["comments"], "is_video": info["is_video"],
                           "accessibility_caption": info["accessibility_caption"],
+                          "ocr_text": info["ocr_text"],
                           "labels": [{"set": s, "label": lab, "score": sc} for s, lab, sc in labels]},
                 "similar": similar}
 

@@ -10,7 +10,7 @@ const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   node.append(...children.filter((c) => c !== null && c !== undefined));
   return node;
 };
-const FILTERS = ["mode", "account", "since", "until", "hashtag", "min_likes", "label"];
+const FILTERS = ["mode", "account", "since", "until", "hashtag", "min_likes", "label", "text"];
 const PAGE = 24;
 
 async function api(path, options) {
@@ -467,6 +467,7 @@ async function imageView(mediaId) {
     const rows = [["caption", i.caption], ["post", i.post_caption], ["account", `@${i.account}`],
                   ["taken", i.taken_at], ["likes", i.likes], ["comments", i.comments],
                   ["hashtags", (i.hashtags || []).map((t) => `#${t}`).join(" ")],
+                  ["text in image", i.ocr_text],
                   ["size", `${i.width} × ${i.height}`], ["alt text", i.accessibility_caption],
                   ["labels", i.labels.map((l) => `${l.set}: ${l.label}`).join(", ")], ["media id", i.media_id]];
     facts.replaceChildren(...rows.filter(([, v]) => v !== null && v !== undefined && v !== "")
