@@ -25,7 +25,7 @@ from clipgram.sources import folder as folder_source
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("CLIPGRAM_SAMPLES") or REPO.parent / "shared" / "samples")
 SAMPLE_LIST = REPO / "tests" / "image_sample.txt"
-STAGES = dag.ordered(["scrape", "download", "embed", "caption"])
+STAGES = dag.ordered(["scrape", "download", "embed", "caption", "ocr"])
 
 
 def copy_listed(corpus: Path, listing: Path, dest: Path) -> Path:
@@ -44,7 +44,7 @@ def failure_kind(error: str) -> str:
 
 
 def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
-    """Ingest `folder` twice (scrape → download → embed → caption) and report what became of it."""
+    """Ingest `folder` twice (scrape → download → embed → caption → ocr) and report what became of it."""
     files, other = folder_source.image_files(folder)
     started = time.perf_counter()
     first = {stage.name: stage.run(cfg, account, (None, str(folder))) for stage in STAGES}
@@ -54,11 +54,13 @@ def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
     for stage in STAGES:
         stage.run(cfg, account, (None, str(folder)))
     con = tables.connect(cfg.data_dir)
-    done, failed, embedded, captioned = con.execute("""
+    done, failed, embedded, captioned, read, unread = con.execute("""
         SELECT count(*) FILTER (status = 'done'), count(*) FILTER (status = 'failed'),
                count(*) FILTER (status = 'done' AND sha256 IN (SELECT sha256 FROM embeddings)),
                count(*) FILTER (status = 'done' AND sha256 IN
-                                (SELECT sha256 FROM captions WHERE error IS NULL))
+                                (SELECT sha256 FROM captions WHERE error IS NULL)),
+               count(*) FILTER (status = 'done' AND sha256 IN (SELECT sha256 FROM ocr WHERE error IS NULL)),
+               count(*) FILTER (status = 'done' AND sha256 IN (SELECT sha256 FROM ocr WHERE error IS NOT NULL))
         FROM media WHERE account = ?""", [account]).fetchone()
     reasons = [r[0] for r in con.execute(
         "SELECT error FROM media WHERE account = ? AND status = 'failed'", [account]).fetchall()]
@@ -66,7 +68,8 @@ def ingest(cfg: Config, folder: Path, account: str) -> dict[str, Any]:
         "files": len(files), "files_without_image_extension": other,
         "media_rows": con.execute("SELECT count(*) FROM media WHERE account = ?", [account]).fetchone()[0],
         "done": done, "failed": failed, "failed_without_reason": sum(not r for r in reasons),
-        "embedded": embedded, "captioned": captioned,
+        "embedded": embedded, "captioned": captioned, "ocr_read": read, "ocr_failed": unread,
+        "with_text": con.execute("SELECT count(*) FROM ocr WHERE text <> ''").fetchone()[0],
         "rows_added_by_second_ingest": con.execute("SELECT count(*) FROM media").fetchone()[0]
         - rows_after_first,
         "failure_kinds": dict(Counter(failure_kind(r or "") for r in reasons).most_common()),

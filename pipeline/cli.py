@@ -406,7 +406,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for title, text, mode in [("Text → image (CLIP): 'a blue circle'", "a blue circle", "clip"),
                                ("Hybrid, CLIP + BM25 fused (search's default): 'a blue circle'",
                                 "a blue circle", "hybrid"),
-                               ("Caption full-text (BM25): 'yellow square'", "yellow square", "captions")]:
+                               ("Caption full-text (BM25): 'yellow square'", "yellow square", "captions"),
+                               # words only a poster's picture holds: the ocr stage read them
+                               ("Text in images (OCR, BM25): 'harbour hall'", "harbour hall", "captions")]:
         print(f"\n== {title}")
         _, hits = search.search(con, cfg.data_dir, [search.Term("text", text)], 5, mode,
                                 encoder=encoder)

@@ -33,6 +33,13 @@ RECORDED_BASE = "http://127.0.0.1:8765"
 OWNER = {"id": "4242424242", "username": ACCOUNT}
 REPOSTED = 3  # the post whose picture the last post shows again
 SCENES_FILE = "scenes.tsv"  # what each image shows: the truth the demo's tests check answers against
+TEXTS_FILE = "texts.tsv"    # the posters: the text printed in each (their captions do not repeat it)
+# Posters after the shape posts: an event and a sale, found only by the words in the picture
+POSTERS = [
+    (["OPEN STUDIO", "Saturday 12 July", "Harbour Hall, 2 pm"],
+     "Come and say hi: prints, tea and good company. See you there! #event #minimal"),
+    (["PRINT SALE", "20% off everything", "this week only"], "Treat yourself, link in bio #shop #art"),
+]
 
 _OPENERS = [
     "Found this {color} {shape} on a {background} wall today",
@@ -123,18 +130,36 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
         "id": OWNER["id"], "username": ACCOUNT, "full_name": "clipgram demo",
         "biography": "Shapes and colours, one a day. #minimal", "is_private": False,
         "edge_followed_by": {"count": 1234}, "edge_follow": {"count": 56},
-        "edge_owner_to_timeline_media": {"count": posts},
+        "edge_owner_to_timeline_media": {"count": posts + len(POSTERS)},
         "profile_pic_url_hd": f"{RECORDED_BASE}/images/CgDemo0000.jpg",
     })
     instaloader.save_structure_to_file(profile, str(dest / f"{ACCOUNT}_{OWNER['id']}.json"))
     (dest / SCENES_FILE).write_text("".join(
         f"{name}\t{s.shape}\t{s.color}\t{s.background}\n" for name, s in sorted(shown.items())))
+    # with a generator of their own: the shape posts above stay as they were
+    rng = random.Random(seed + 1)
+    texts = {}
+    for j, (lines, caption) in enumerate(POSTERS):
+        i = posts + j
+        shortcode, taken_at = f"CgDemo{i:04d}", start + timedelta(days=i, hours=rng.randint(0, 10))
+        synthetic.poster(lines, 320, rng).save(dest / "images" / f"{shortcode}.jpg", quality=88)
+        texts[f"{shortcode}.jpg"] = lines
+        node = _node(shortcode, 1000 + i, taken_at, caption, f"{RECORDED_BASE}/images/{shortcode}.jpg", rng)
+        instaloader.save_structure_to_file(instaloader.Post(context, node),
+                                           str(dest / f"{taken_at:%Y-%m-%d_%H-%M-%S}_UTC.json"))
+    (dest / TEXTS_FILE).write_text("".join(f"{name}\t{' | '.join(lines)}\n" for name, lines in texts.items()))
 
 
 def scenes(sample: Path = SAMPLE_DIR) -> dict[str, synthetic.Scene]:
     """The scene each of the sample's image files shows, by file name."""
     rows = (line.split("\t") for line in (sample / SCENES_FILE).read_text().splitlines())
     return {name: synthetic.Scene(shape, color, background) for name, shape, color, background in rows}
+
+
+def texts(sample: Path = SAMPLE_DIR) -> dict[str, list[str]]:
+    """The lines of text printed in each of the sample's posters, by file name."""
+    rows = (line.split("\t") for line in (sample / TEXTS_FILE).read_text().splitlines())
+    return {name: text.split(" | ") for name, text in rows}
 
 
 def materialize(dest: Path, base_url: str, sample: Path = SAMPLE_DIR) -> Path:

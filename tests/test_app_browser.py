@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from bench.browser import ALL_IMAGES_SETTLED, chromium, needs_chromium, open_page
-from clipgram import demo
+from clipgram import demo, synthetic
 from clipgram.app import library, server
 
 pytestmark = needs_chromium
@@ -51,7 +51,8 @@ def _media(card_href: str) -> str:
 
 def test_search_more_like_this_filters_map_and_status(app_library, ingested_sample, tmp_path):
     lib = library.Library(app_library, ingested_sample.models)
-    shown = demo.scenes()
+    # the posters show no shape: a scene no query names
+    shown = {**demo.scenes(), **{name: synthetic.Scene("poster", "text", "paper") for name in demo.texts()}}
     with server.running(lib) as url, chromium(tmp_path / "profile") as page, httpx.Client(base_url=url) as api:
         def scene_of(media_id):
             image = api.get(f"/api/image/{media_id}").json()["image"]

@@ -66,6 +66,10 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     assert re.search(r"models: CLIP clipgram-tiny-clip@ckpt-\w+, captioner clipgram-tiny-coca@ckpt-\w+", out)
     assert "Text → image (CLIP)" in out and "Hybrid, CLIP + BM25" in out
     assert "Caption full-text (BM25)" in out and "top hashtags" in out
+    # the poster whose words are only in its picture, found by them: the first hit of its section
+    poster = next(name for name, lines in demo.texts().items() if "Harbour Hall, 2 pm" in lines)
+    ocr_section = out.split("Text in images (OCR, BM25)")[1].split("\n==")[0]
+    assert re.search(rf"^1\s+\S+\s+clipgram\.demo\s+{poster.removesuffix('.jpg')}\b", ocr_section, re.MULTILINE)
     assert re.search(r"^1\s+-?\d\.\d{4}\s+clipgram\.demo\s+CgDemo\d{4}", out, re.MULTILINE)
 
     # it ends with what to try next, each command working on its library as printed
@@ -82,7 +86,7 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     page = data / "demo.html"
     parser = _Images()
     parser.feed(page.read_text())
-    assert len(parser.sources) == 15  # three searches, five hits each
+    assert len(parser.sources) >= 16  # three searches of five hits each, and the poster
     assert all((page.parent / src).is_file() for src in parser.sources)  # thumbnails load
 
 
@@ -95,4 +99,5 @@ def test_shipped_sample_matches_its_generator(tmp_path):
         assert json.loads(a.read_text())["node"] == json.loads(b.read_text())["node"]
     images = {p.name for p in (demo.SAMPLE_DIR / "images").iterdir()}
     assert images == {p.name for p in (tmp_path / "sample" / "images").iterdir()}
-    assert demo.scenes() == demo.scenes(tmp_path / "sample") and set(demo.scenes()) == images
+    assert demo.scenes() == demo.scenes(tmp_path / "sample") and demo.texts() == demo.texts(tmp_path / "sample")
+    assert set(demo.scenes()) | set(demo.texts()) == images

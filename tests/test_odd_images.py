@@ -1,6 +1,6 @@
 """Odd, broken and exotic image files from image libraries' test suites (tests/SAMPLES.md),
-ingested as a folder: each is one media row, done with an embedding and a caption or failed with
-a reason, and nothing stops the stage. The list is tests/image_sample.txt; `make bench` ingests
+ingested as a folder: each is one media row, done with an embedding, a caption and its text read
+(or a row saying why not) or failed with a reason, and nothing stops the stage. The list is tests/image_sample.txt; `make bench` ingests
 the whole corpus."""
 
 import pytest
@@ -28,9 +28,11 @@ def test_every_odd_file_is_one_row_done_or_failed_with_a_reason(report):
     assert result["done"] > 20 and result["failed"] > 10  # the list holds both kinds
 
 
-def test_every_file_that_verifies_is_embedded_and_captioned(report):
+def test_every_file_that_verifies_is_embedded_captioned_and_read(report):
     result, _ = report
     assert result["embedded"] == result["captioned"] == result["done"]
+    # the OCR engine reads each one, or records why not; none is left pending
+    assert result["ocr_read"] + result["ocr_failed"] == result["done"] and result["ocr_read"] > 0
 
 
 def test_a_second_ingest_adds_nothing(report):

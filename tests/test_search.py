@@ -289,9 +289,9 @@ def test_caption_banks_are_the_most_common_beginnings_of_each_length():
 def _scene_of_media(con):
     from clipgram import demo
 
-    shown = demo.scenes()
-    return {m: shown[url.rsplit("/", 1)[1]] for m, url in con.execute(
-        "SELECT media_id, url FROM media WHERE status = 'done'").fetchall()}
+    shown = demo.scenes()  # the posters show no scene
+    return {m: shown[name] for m, url in con.execute("SELECT media_id, url FROM media WHERE status = 'done'").fetchall()
+            if (name := url.rsplit("/", 1)[1]) in shown}
 
 
 @pytest.mark.parametrize("mode", ["clip", "hybrid"])
@@ -312,7 +312,9 @@ def test_a_search_says_which_results_match_and_when_nothing_does(env, mode):
             flags = [h.match for h in hits]
             assert flags == sorted(flags, reverse=True)  # the matches first
             assert search.matches(hits) == sum(flags)
-            matched = {h.media_id for h in hits if h.match}
+            # the scenes only: the stand-ins were trained on shapes, never on text, and see a
+            # poster as the shape nearest to it (bench.query counts such matches as false)
+            matched = {h.media_id for h in hits if h.match} & set(scene_of)
             truth = {m for m, s in scene_of.items() if (s.color, s.shape) == (color, shape)}
             if truth:
                 true_pos, false_pos = true_pos + len(matched & truth), false_pos + len(matched - truth)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +111,8 @@ class OcrReader:
         found, _ = self.engine(image)
         height, width = image.shape[:2]
         lines = [Line(str(text).strip(), [float(v) for x, y in box for v in (x / width, y / height)],
-                      float(score))
-                 for box, text, score in found or [] if str(text).strip() and float(score) >= self.min_confidence]
+                      float(score)) for box, text, score in found or []]
+        lines = [line for line in lines if _plausible(line, self.min_confidence)]
         return sorted(lines, key=_reading_order(lines))
 
     def read(self, batch: torch.Tensor) -> list[dict[str, Any]]:
@@ -141,6 +142,18 @@ def row(lines: list[Line], languages: list[str]) -> dict[str, Any]:
     return {"text": text, "words": search_words(text),
             "lines": [{"text": line.text, "box": line.box, "confidence": line.confidence} for line in lines],
             "languages": languages, "error": None}
+
+
+LONE_CHARACTER_CONFIDENCE = 0.9
+
+
+def _plausible(line: Line, min_confidence: float) -> bool:
+    """Whether a recognised line is text: some letter or digit, read with confidence. A lone
+    shape is often read as one glyph (a filled square as '■', an outlined one as '口'), so a
+    line of one character needs a surer reading."""
+    if line.confidence < min_confidence or not any(unicodedata.category(c)[0] in "LN" for c in line.text):
+        return False
+    return len(line.text) > 1 or line.confidence >= LONE_CHARACTER_CONFIDENCE
 
 
 def _reading_order(lines: list[Line]):
