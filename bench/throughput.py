@@ -161,18 +161,22 @@ def bench_decode(files: list[Path], preprocess: Callable, settings: loader.Loade
 REPEATS = 3  # each rate is the median of this many runs (issue 15: noisy hosts)
 
 
-def repeated(stage: Callable[[int], Any], repeats: int = REPEATS) -> dict[str, float]:
+def repeated(stage: Callable[[int], Any], model_only: Callable[[], float],
+             repeats: int = REPEATS) -> dict[str, float]:
     """A model stage's end-to-end figures, each the median of `repeats` runs: `stage(i)` runs it
     over the same images (into a partition of its own) and returns its StageResult. The pass's
     fixed cost (decode workers' start and its first batch, `first_batch_s`) is reported apart,
-    and `steady_ips` is the rate without it."""
+    and `steady_ips` is the rate without it. `model_only()` (the model's rate on decoded
+    tensors) runs before each: the two take turns, so a slow moment of a noisy host lands on
+    both rather than on one side of their ratio."""
     runs = []
     for i in range(repeats):
+        model_ips = model_only()
         start = time.perf_counter()
         result = stage(i)
         seconds = time.perf_counter() - start
         fixed = result.details.get("first_batch_s", 0.0)
-        runs.append({"ips": result.done / seconds, "first_batch_s": fixed,
+        runs.append({"ips": result.done / seconds, "first_batch_s": fixed, "model_only_ips": model_ips,
                      "steady_ips": result.done / (seconds - fixed), "images": result.done})
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]} | {"repeats": repeats}
 
@@ -185,9 +189,10 @@ def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
     paths = sorted((data_dir / "media").rglob("*.jpg"))[:count]
     tensors = torch.stack([encoder.preprocess(images.load_rgb(p)) for p in paths])
     encoder.encode_images(tensors[:batch_size])  # warm-up
-    model_only = statistics.median(_timed(lambda: [encoder.encode_images(tensors[i:i + batch_size])
-                                                   for i in range(0, len(tensors), batch_size)])
-                                   for _ in range(REPEATS))
+
+    def model_only() -> float:
+        return len(tensors) / _timed(lambda: [encoder.encode_images(tensors[i:i + batch_size])
+                                              for i in range(0, len(tensors), batch_size)])
 
     naive_n = max(8, count // 4)
 
@@ -212,8 +217,8 @@ def bench_embed(data_dir: Path, arch: str, device: torch.device, count: int,
         splits.append(result.details.get("decode_split"))
         return result
     with gpu_utilisation(utilisation):
-        e2e = repeated(run)
-    model_only_ips = len(paths) / model_only
+        e2e = repeated(run, model_only)
+    model_only_ips = e2e["model_only_ips"]
     naive_ips = naive_n / naive_s
     return {
         "model": f"{arch} (random weights)", "images": e2e["images"], "batch_size": batch_size,
@@ -273,7 +278,6 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
     model_load_s = time.perf_counter() - start
     media = _account_of(data_dir, "bench-caption", count)
     batch = torch.stack([model.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
-    model_only_ips = statistics.median(_captions_per_second(model, batch, batch_size) for _ in range(REPEATS))
     open_clip_ips = _open_clip_generate_ips(model, arch, batch[:batch_size])
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "caption": {"batch_size": batch_size},
                                  "decode": {"workers": num_workers}}, environ={})
@@ -283,7 +287,8 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
         model.id = f"{arch}@random-{i}"
         return caption(data_dir, "bench-caption", cfg, model)
     with gpu_utilisation(utilisation):
-        e2e = repeated(run)
+        e2e = repeated(run, lambda: _captions_per_second(model, batch, batch_size))
+    model_only_ips = e2e["model_only_ips"]
     return {"model": f"{arch} (random weights)", "images": e2e["images"], "batch_size": batch_size,
             "generation": model.decoding.method, "max_length": model.decoding.max_length,
             "model_load_s": model_load_s, "model_only_ips": model_only_ips, "e2e_ips": e2e["ips"],
@@ -344,36 +349,44 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rendering {distinct} JPEGs of {args.size}px …", flush=True)
         site = work / "site"
         names = download_set(site, make_jpegs(site, distinct, args.size), args.images)
-        results: dict[str, Any] = {"device": str(device), "host": platform.node(), "torch": torch.__version__}
+        results: dict[str, Any] = {"device": str(device), "host": platform.node(), "torch": torch.__version__,
+                                   "section_seconds": {}}
+
+        def section(name: str, run: Callable[[], Any]) -> Any:
+            """results[name] = run(), its wall time in section_seconds: what makes `make bench` long."""
+            started = time.perf_counter()
+            results[name] = run()
+            results["section_seconds"][name] = round(time.perf_counter() - started, 1)
+            return results[name]
+
         # on one core, then all: the server in its own process (bench/download.py)
-        results["download"] = bench_download.run(work / "download", site, names)
+        section("download", lambda: bench_download.run(work / "download", site, names))
         data = work / "download" / "all_cores"  # what the stage stored: embedded and captioned next
         stored = sorted((data / "media").rglob("*.jpg"))
-        verify_s = _timed(lambda: [images.verify(p) for p in stored])
-        results["verify_ips"] = len(stored) / verify_s
-        results["embed"] = bench_embed(data, "ViT-B-32", device, args.embed_images,
-                                       args.batch_size, args.workers)
-        results["caption"] = bench_caption(data, "coca_ViT-B-32", device, args.caption_images,
-                                           args.caption_batch_size, args.workers)
+        results["verify_ips"] = len(stored) / _timed(lambda: [images.verify(p) for p in stored])
+        section("embed", lambda: bench_embed(data, "ViT-B-32", device, args.embed_images,
+                                             args.batch_size, args.workers))
+        section("caption", lambda: bench_caption(data, "coca_ViT-B-32", device, args.caption_images,
+                                                 args.caption_batch_size, args.workers))
         # a run that does both: one decode an image (issue 15), against the two stages above
-        results["one_pass"] = bench_one_pass(
+        section("one_pass", lambda: bench_one_pass(
             data, device, args.caption_images, args.batch_size, args.caption_batch_size, args.workers,
-            {"embed": results["embed"]["e2e_ips"], "caption": results["caption"]["e2e_ips"]})
+            {"embed": results["embed"]["e2e_ips"], "caption": results["caption"]["e2e_ips"]}))
         if args.models_only:
             _write(results, args.out)
             return
-        results["search"] = bench_search.run()  # text→image top-10 over 100k and 1M vectors
-        results["rerun"] = bench_rerun.run()  # a no-op rerun of a 1,000-image account
-        results["startup"] = bench_startup.run()  # a fresh process: sql, status, search on the demo
-        results["app"] = bench_app.run(images=100_000, repeats=100)  # the app over HTTP, 100k images
-        results["analyse"] = bench_analyse.run()  # the analyse stage, first and incremental, 10k and 100k
-        results["query"] = bench_query.run(scenes=2000)  # which results match: demo and 2,000 scenes
+        section("search", bench_search.run)  # text→image top-10 over 100k and 1M vectors
+        section("rerun", bench_rerun.run)  # a no-op rerun of a 1,000-image account
+        section("startup", bench_startup.run)  # a fresh process: sql, status, search on the demo
+        section("app", lambda: bench_app.run(images=100_000, repeats=100))  # the app over HTTP, 100k images
+        section("analyse", bench_analyse.run)  # the analyse stage, first and incremental, 10k and 100k
+        section("query", lambda: bench_query.run(scenes=2000))  # which results match: demo and 2,000 scenes
         # one library embedded on one Dask worker, then two: 1,000 images here to keep make bench
         # within 15 minutes (python -m bench.scale: 2,000)
-        results["scale"] = bench_scale.run(images=1000)
+        section("scale", lambda: bench_scale.run(images=1000))
         # odd and broken files from image libraries' test suites (tests/image_sample.txt; the
         # whole corpus of 2,600: python -m bench.odd_images), when shared/samples has them
-        results["odd_images"] = bench_odd_images.run(work / "odd-images")
+        section("odd_images", lambda: bench_odd_images.run(work / "odd-images"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _write(results, args.out)
