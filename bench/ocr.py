@@ -88,7 +88,7 @@ def clipgram_reader() -> Read | None:
         return None
 
     def read(path: Path) -> tuple[str, str]:
-        row = reader.read(reader.preprocess(Image.open(path).convert("RGB"))[None])[0]
+        row = reader.read_image(reader.preprocess(Image.open(path).convert("RGB")))
         return row["text"], row["words"]
     return read
 

@@ -81,6 +81,12 @@ def _node(shortcode: str, post_id: int, taken_at: datetime, caption: str, url: s
     return node
 
 
+def _save_post(context: Any, node: dict, taken_at: datetime, dest: Path) -> None:
+    """A post node as `instaloader --metadata-json` names and writes it."""
+    instaloader.save_structure_to_file(instaloader.Post(context, node),
+                                       str(dest / f"{taken_at:%Y-%m-%d_%H-%M-%S}_UTC.json"))
+
+
 def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> None:
     """Render the sample profile: images plus instaloader JSON, written with instaloader."""
     rng = random.Random(seed)
@@ -124,8 +130,7 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
         else:
             prefix = "Throwback! " if i == posts - 1 else ""
             node = _node(shortcode, 1000 + i, taken_at, _caption(scene, rng, prefix), url, rng, alt=alt)
-        post = instaloader.Post(context, node)
-        instaloader.save_structure_to_file(post, str(dest / f"{taken_at:%Y-%m-%d_%H-%M-%S}_UTC.json"))
+        _save_post(context, node, taken_at, dest)
     profile = instaloader.Profile(context, {
         "id": OWNER["id"], "username": ACCOUNT, "full_name": "clipgram demo",
         "biography": "Shapes and colours, one a day. #minimal", "is_private": False,
@@ -144,9 +149,8 @@ def build_sample(dest: Path = SAMPLE_DIR, posts: int = 30, seed: int = 7) -> Non
         shortcode, taken_at = f"CgDemo{i:04d}", start + timedelta(days=i, hours=rng.randint(0, 10))
         synthetic.poster(lines, 320, rng).save(dest / "images" / f"{shortcode}.jpg", quality=88)
         texts[f"{shortcode}.jpg"] = lines
-        node = _node(shortcode, 1000 + i, taken_at, caption, f"{RECORDED_BASE}/images/{shortcode}.jpg", rng)
-        instaloader.save_structure_to_file(instaloader.Post(context, node),
-                                           str(dest / f"{taken_at:%Y-%m-%d_%H-%M-%S}_UTC.json"))
+        _save_post(context, _node(shortcode, 1000 + i, taken_at, caption, f"{RECORDED_BASE}/images/{shortcode}.jpg",
+                                  rng), taken_at, dest)
     (dest / TEXTS_FILE).write_text("".join(f"{name}\t{' | '.join(lines)}\n" for name, lines in texts.items()))
 
 

@@ -56,7 +56,12 @@ def model_id(settings: OcrSettings) -> str:
 
 def published_id(settings: OcrSettings) -> str | None:
     """The OCR model whose text the catalog shows: None when OCR is off or not installed."""
-    return model_id(settings) if settings.enabled and installed_version() else None
+    if not settings.enabled:
+        return None
+    try:
+        return model_id(settings)
+    except OcrMissing:
+        return None
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,13 @@ class OcrReader:
         lines = [line for line in lines if _plausible(line, self.min_confidence)]
         return sorted(lines, key=_reading_order(lines))
 
+    def read_image(self, item: torch.Tensor) -> dict[str, Any]:
+        """The OCR table's row of one image from `preprocess`."""
+        return row(self.read_one(unsquare(item.cpu())), self.languages)
+
     def read(self, batch: torch.Tensor) -> list[dict[str, Any]]:
-        """One row per image of a batch from `preprocess` (the OCR table's columns)."""
-        return [row(self.read_one(unsquare(item)), self.languages) for item in batch.cpu()]
+        """One row per image of a batch from `preprocess`."""
+        return [self.read_image(item) for item in batch]
 
 
 _LATIN_RUN = re.compile(r"[A-Za-z]{6,}")

@@ -29,9 +29,9 @@ def failed(error: str) -> dict[str, Any]:
 def read_rows(reader: ocr_model.OcrReader, batch: torch.Tensor) -> list[dict[str, Any]]:
     """One row per image; an image the engine fails on gets a row saying why, alone."""
     rows = []
-    for item in batch.cpu():
+    for item in batch:
         try:
-            rows.extend(reader.read(item[None]))
+            rows.append(reader.read_image(item))
         except Exception as e:  # the engine's failure on these pixels: this image's row
             rows.append(failed(f"reading text failed: {type(e).__name__}: {e}"))
     if len(rows) > 1 and all(row["error"] for row in rows):
