@@ -43,10 +43,12 @@ from clipgram import images, loader, synthetic, tables
 from clipgram.config import load_config
 from clipgram.models import captioner as captioner_mod
 from clipgram.models import clip as clip_mod
+from clipgram.models import ocr as ocr_model
 from clipgram.models import pick_device
 from clipgram.models.resolve import Resolved
 from clipgram.stages.caption import caption
 from clipgram.stages.embed import embed
+from clipgram.stages.ocr import ocr
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -268,6 +270,9 @@ def _account_of(data_dir: Path, account: str, count: int) -> list[dict[str, Any]
     return media
 
 
+REFERENCE_IMAGES = 8
+
+
 def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
                   batch_size: int, num_workers: int | None) -> dict[str, Any]:
     """CoCa captions/s: model-only on pre-decoded tensors with the cached decoder and with
@@ -278,7 +283,11 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
     model_load_s = time.perf_counter() - start
     media = _account_of(data_dir, "bench-caption", count)
     batch = torch.stack([model.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
-    open_clip_ips = _open_clip_generate_ips(model, arch, batch[:batch_size])
+    # open_clip's generate() takes about 7 s a caption here: it and the cached decoder caption
+    # the same few images, at the same batch size, for the speed-up
+    reference = batch[:REFERENCE_IMAGES]
+    open_clip_ips = _open_clip_generate_ips(model, arch, reference)
+    cached_ips = _captions_per_second(model, reference, len(reference)) if open_clip_ips else None
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "caption": {"batch_size": batch_size},
                                  "decode": {"workers": num_workers}}, environ={})
     utilisation: list[float] = []
@@ -294,31 +303,75 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
             "model_load_s": model_load_s, "model_only_ips": model_only_ips, "e2e_ips": e2e["ips"],
             "ips": e2e["ips"], "e2e_steady_ips": e2e["steady_ips"], "e2e_first_batch_s": e2e["first_batch_s"],
             "repeats": e2e["repeats"], "e2e_over_model_only": e2e["steady_ips"] / model_only_ips,
-            "open_clip_generate_ips": open_clip_ips,
-            "cached_decoder_speedup": model_only_ips / open_clip_ips if open_clip_ips else None,
+            "open_clip_generate_ips": open_clip_ips, "reference_images": len(reference),
+            "cached_decoder_speedup": cached_ips / open_clip_ips if open_clip_ips else None,
             "gpu_utilisation_pct": sum(utilisation) / len(utilisation) if utilisation else None}
+
+
+def _ocr_reader(max_side: int | None = None) -> ocr_model.OcrReader | None:
+    """The configured OCR model (real weights: they ship in its wheel); None when not installed."""
+    settings = load_config(environ={}).ocr
+    try:
+        return ocr_model.from_config(replace(settings, max_side=max_side or settings.max_side))
+    except ocr_model.OcrMissing as e:
+        print(f"no OCR figures: {e}")
+        return None
+
+
+def bench_ocr(data_dir: Path, count: int, num_workers: int | None) -> dict[str, Any] | None:
+    """PP-OCRv4 images/s (the configured engine and size, real weights): model only on inputs
+    decoded beforehand, and end to end through the ocr stage (JPEG files → Parquet) over the
+    same `count` stored images, as an account of their own. The bench's images hold shapes,
+    no text: the detector runs on every pixel, the recogniser on little."""
+    start = time.perf_counter()
+    reader = _ocr_reader()
+    if reader is None:
+        return None
+    model_load_s = time.perf_counter() - start
+    model_id = reader.id
+    media = _account_of(data_dir, "bench-ocr", count)
+    batch = torch.stack([reader.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
+    reader.read(batch[:1])  # warm-up
+    cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "decode": {"workers": num_workers}}, environ={})
+
+    def run(i: int) -> Any:  # a partition of its own each time: every image to read again
+        reader.id = f"{model_id}-bench-{i}"
+        return ocr(data_dir, "bench-ocr", cfg, reader)
+    e2e = repeated(run, lambda: len(batch) / _timed(lambda: reader.read(batch)))
+    return {"model": model_id, "max_side": cfg.ocr.max_side, "images": e2e["images"], "model_load_s": model_load_s,
+            "model_only_ips": e2e["model_only_ips"], "e2e_ips": e2e["ips"], "e2e_steady_ips": e2e["steady_ips"],
+            "e2e_first_batch_s": e2e["first_batch_s"], "repeats": e2e["repeats"],
+            "e2e_over_model_only": e2e["steady_ips"] / e2e["model_only_ips"]}
 
 
 def bench_one_pass(data_dir: Path, device: torch.device, count: int, batch_size: int,
                    caption_batch_size: int, num_workers: int | None, separate: dict[str, float]) -> dict[str, Any]:
-    """A run that embeds and captions `count` stored images (an account of their own): the
-    embed stage's one pass, each image decoded once for both models, against the two stages'
-    own end-to-end rates (`separate`: measured in this run, each decoding every image)."""
-    # ids of their own: the embed and caption benches' rows are not this pass's to skip
+    """A run that embeds, captions and reads the text of `count` stored images (an account of
+    their own): the embed stage's one pass, each image decoded once for all three models (OCR
+    when it runs on the same device as CLIP), against the stages' own end-to-end rates
+    (`separate`: measured in this run, each decoding every image)."""
+    # ids of their own: the model benches' rows are not this pass's to skip
     encoder = clip_mod.ClipEncoder(Resolved("ViT-B-32@random-one-pass", "ViT-B-32", None), device)
     model = _random_captioner("coca_ViT-B-32", "coca_ViT-B-32@random-one-pass", device)
+    reader = _ocr_reader() if "ocr" in separate else None
+    with_ocr = reader is not None and reader.device == device
+    if reader is not None:
+        reader.id += "-one-pass"
     media = _account_of(data_dir, "bench-one-pass", count)
-    cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "embed": {"batch_size": batch_size,
-                                 "with_captions": True}, "caption": {"batch_size": caption_batch_size},
-                                 "decode": {"workers": num_workers}}, environ={})
+    cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "embed": {
+        "batch_size": batch_size, "with_captions": True, "with_ocr": with_ocr},
+        "caption": {"batch_size": caption_batch_size}, "decode": {"workers": num_workers}}, environ={})
     start = time.perf_counter()
-    result = embed(data_dir, "bench-one-pass", cfg, encoder, captions=model)
+    result = embed(data_dir, "bench-one-pass", cfg, encoder, captions=model, reader=reader)
     seconds = time.perf_counter() - start
-    both = 1 / (1 / separate["embed"] + 1 / separate["caption"])  # an image through both, one after the other
-    return {"images": len(media), "embedded": result.done, "captioned": result.details.get("captioned", 0),
-            "decodes_per_image": result.details["decoded"] / len(media), "separate_decodes_per_image": 2.0,
-            "one_pass_ips": len(media) / seconds, "separate_ips": both,
-            "one_pass_over_separate": len(media) / seconds / both}
+    stages = ["embed", "caption", *(["ocr"] if with_ocr else [])]
+    apart = 1 / sum(1 / separate[stage] for stage in stages)  # an image through each, one after the other
+    return {"images": len(media), "models": stages, "embedded": result.done,
+            "captioned": result.details.get("captioned", 0), "read_for_text": result.details.get("read for text"),
+            "decodes_per_image": result.details["decoded"] / len(media),
+            "separate_decodes_per_image": float(len(stages)),
+            "one_pass_ips": len(media) / seconds, "separate_ips": apart,
+            "one_pass_over_separate": len(media) / seconds / apart}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="distinct images rendered for it (and stored, embedded)")
     parser.add_argument("--embed-images", type=int, default=1024 if gpu else 64)
     parser.add_argument("--caption-images", type=int, default=512 if gpu else 64)
+    parser.add_argument("--ocr-images", type=int, default=64 if gpu else 16)
+    parser.add_argument("--one-pass-images", type=int, default=512 if gpu else 32)
     parser.add_argument("--caption-batch-size", type=int, default=64 if gpu else 32)
     parser.add_argument("--size", type=int, default=1080, help="JPEG side (Instagram: 1080)")
     parser.add_argument("--batch-size", type=int, default=256 if gpu else 32)
@@ -368,10 +423,11 @@ def main(argv: list[str] | None = None) -> None:
                                              args.batch_size, args.workers))
         section("caption", lambda: bench_caption(data, "coca_ViT-B-32", device, args.caption_images,
                                                  args.caption_batch_size, args.workers))
-        # a run that does both: one decode an image (issue 15), against the two stages above
+        section("ocr", lambda: bench_ocr(data, args.ocr_images, args.workers))
+        # a run that does all three: one decode an image (issues 15, 31), against the stages above
+        separate = {stage: results[stage]["e2e_ips"] for stage in ("embed", "caption", "ocr") if results[stage]}
         section("one_pass", lambda: bench_one_pass(
-            data, device, args.caption_images, args.batch_size, args.caption_batch_size, args.workers,
-            {"embed": results["embed"]["e2e_ips"], "caption": results["caption"]["e2e_ips"]}))
+            data, device, args.one_pass_images, args.batch_size, args.caption_batch_size, args.workers, separate))
         if args.models_only:
             _write(results, args.out)
             return

@@ -109,6 +109,7 @@ class EmbedSettings:
     part_rows: Count
     retry_failed: bool
     with_captions: Auto | bool
+    with_ocr: Auto | bool
 
 
 @dataclass(frozen=True)

@@ -142,11 +142,14 @@ def _probe_batch_size(stage: str, model_id: str, model_fn: Callable[[torch.Tenso
     return size
 
 
-def _first_input(dataset: loader.ImageFiles, device: torch.device) -> torch.Tensor | None:
-    """The model's input for the first image that decodes, or None when none does."""
+def _first_input(dataset: loader.ImageFiles, device: torch.device, view: int = 0) -> torch.Tensor | None:
+    """The `view`-th model input of the first image that decodes, or None when none does."""
     for i in range(len(dataset)):
         try:
-            return dataset.finish(dataset.decode(i).to(device)[None])[0]
+            decoded = dataset.decode(i)
+            if isinstance(decoded, tuple):
+                return decoded[view].to(device) if view else dataset.finish(decoded[0].to(device)[None])[0]
+            return dataset.finish(decoded.to(device)[None])[0]
         except Exception:  # that image fails where the stage decodes it, with the reason
             continue
     return None
@@ -173,7 +176,9 @@ class Head:
     `model_fn` maps a batch on the device to one row (without sha256) per image, or to a
     function returning them once the device is done. `failed_row(error)`: the row of an
     image that fails to decode (None: it is logged and left pending); `retry_failed` takes
-    those rows up again. `batch_size` (None: the pass's): the most images one call gets.
+    those rows up again. `settings` (None: the pass's): its batch size, the most images one
+    call gets. `preprocess` (None: the pass's): its model's input, when it is not the pass's;
+    the pass then makes it from the same decoded image.
     """
 
     stage: str
@@ -184,6 +189,26 @@ class Head:
     failed_row: Callable[[str], dict[str, Any]] | None = None
     retry_failed: bool = False
     settings: loader.LoaderSettings | None = None
+    preprocess: Callable | None = None
+
+
+def same_input(a: Callable, b: Callable) -> bool:
+    """Whether two models' preprocessing gives the same tensor from an image (as printed:
+    torchvision's transforms list their sizes, interpolation, mean and std)."""
+    return repr(a) == repr(b)
+
+
+def _inputs(heads: list[Head], preprocess: Callable) -> tuple[list[Callable], list[int]]:
+    """The distinct inputs the heads' models take (the pass's first) and each head's of them."""
+    distinct, which = [preprocess], []
+    for head in heads:
+        own = head.preprocess or preprocess
+        found = next((v for v, p in enumerate(distinct) if same_input(p, own)), None)
+        if found is None:
+            distinct.append(own)
+            found = len(distinct) - 1
+        which.append(found)
+    return distinct, which
 
 
 def run(
@@ -212,7 +237,8 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
               device: torch.device, settings: loader.LoaderSettings,
               shard: shards.Shard | None = None) -> list[StageResult]:
     """One pass over the account's images that any head has pending, each decoded once and
-    given to every head that needs it (heads whose models take the same input: `preprocess`).
+    given to every head that needs it: as `preprocess` makes it, or as the head's own
+    preprocess does (made from the same decoded image).
 
     The rows of a batch are collected only after the next batch is launched, so the device
     always has the next batch queued. An image that fails to decode is each head's
@@ -251,8 +277,9 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
             # one batch (an hourly run's new posts): starting decode workers, a fork server
             # first (6 s here), costs more than decoding it in this process
             settings = replace(settings, workers=0)
-        dataset = loader.dataset([data_dir / path for _, (path, _) in todo], preprocess, settings)
-        sizes = [_batch_size(head, dataset, device, settings, len(todo)) for head in heads]
+        distinct, view = _inputs(heads, preprocess)
+        dataset = loader.dataset([data_dir / path for _, (path, _) in todo], distinct[0], settings, distinct[1:])
+        sizes = [_batch_size(head, dataset, device, settings, len(todo), view[h]) for h, head in enumerate(heads)]
         calls = [HalveOnOOM(head.model_fn, size) for head, size in zip(heads, sizes)]
         settings = replace(settings, batch_size=max(sizes))
         rows: list[Rows] = [[] for _ in heads]
@@ -281,7 +308,8 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
                         previous = in_flight[h]
                         mine = [k for k, i in enumerate(indices) if h in needs[i]]
                         if batch is not None and mine:  # if the call raises, `previous` stays in flight
-                            part = batch if len(mine) == len(indices) else batch[mine]
+                            inputs = batch[view[h]] if isinstance(batch, tuple) else batch
+                            part = inputs if len(mine) == len(indices) else inputs[mine]
                             in_flight[h] = ([indices[k] for k in mine], calls[h](part))
                         else:
                             in_flight[h] = None
@@ -324,11 +352,11 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
 
 
 def _batch_size(head: Head, dataset: loader.ImageFiles, device: torch.device,
-                settings: loader.LoaderSettings, images: int) -> int:
+                settings: loader.LoaderSettings, images: int, view: int) -> int:
     """The most images one call of the head's model gets: its own setting (probed on CUDA)."""
     own = head.settings or settings
     if own.probe_batch and images > 2 * own.batch_size:  # else its start will do
-        sample = _first_input(dataset, device)
+        sample = _first_input(dataset, device, view)
         if sample is not None:
             return _probe_batch_size(head.stage, head.model_id, head.model_fn, sample, device, own)
     return own.batch_size

@@ -261,19 +261,23 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int,
-                 split: Split | None = None, min_side: int | None = None):
+                 split: Split | None = None, min_side: int | None = None, also: Sequence[Callable] = ()):
         self.paths, self.preprocess, self.max_pixels = paths, preprocess, max_pixels
         self.transform = Transform.of(preprocess)
-        self.split = split if self.transform is not None else None  # else nothing mirrors it there
+        self.also = tuple(also)
+        # the device decoder gives one model's crops: with other inputs to make, workers decode all
+        self.split = split if self.transform is not None and not self.also else None
         self.min_side = min_side  # see images.load_rgb
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def decode(self, i: int) -> torch.Tensor:
-        """Image `i` as the model's input before `finish`: a uint8 crop (else preprocessed floats)."""
+    def decode(self, i: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Image `i` as the model's input before `finish`: a uint8 crop (else preprocessed floats);
+        with `also`, a tuple: that, then each other model's input, from one decode."""
         image = images.load_rgb(self.paths[i], self.max_pixels, self.min_side)
-        return self.transform.crop(image) if self.transform else self.preprocess(image)
+        first = self.transform.crop(image) if self.transform else self.preprocess(image)
+        return (first, *(preprocess(image) for preprocess in self.also)) if self.also else first
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         # uint8 crops are normalised here; a preprocess of its own (OCR's) gives the model's input
@@ -298,7 +302,8 @@ class _Batch:
     """A batch as few tensors: each tensor a worker sends costs a file descriptor."""
 
     ready_idx: list[int]
-    ready: torch.Tensor | None          # decoded images (uint8 crops, or preprocessed), stacked
+    ready: torch.Tensor | tuple[torch.Tensor, ...] | None  # decoded images (uint8 crops, or
+                                                           # preprocessed), stacked; one per input
     raw_idx: list[int]
     raw: torch.Tensor | None            # JPEG files' bytes, end to end
     raw_ends: list[int]
@@ -311,16 +316,24 @@ class _Batch:
 
     def pin_memory(self) -> _Batch:
         """Called by the DataLoader's pinning thread: the decoded images then copy asynchronously."""
-        if self.ready is not None:
+        if isinstance(self.ready, tuple):
+            self.ready = tuple(inputs.pin_memory() for inputs in self.ready)
+        elif self.ready is not None:
             self.ready = self.ready.pin_memory()
         return self
 
 
+def _stack(decoded: list[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if isinstance(decoded[0], tuple):  # several models' inputs: one stack each
+        return tuple(torch.stack(inputs) for inputs in zip(*decoded))
+    return torch.stack(decoded)
+
+
 def _collate(items: list) -> _Batch:
-    ready = [(i, t) for i, t, err, _ in items if err is None and t.dim() > 1]
-    raw = [(i, t) for i, t, err, _ in items if err is None and t.dim() == 1]
+    ready = [(i, t) for i, t, err, _ in items if err is None and (isinstance(t, tuple) or t.dim() > 1)]
+    raw = [(i, t) for i, t, err, _ in items if err is None and not isinstance(t, tuple) and t.dim() == 1]
     return _Batch(
-        [i for i, _ in ready], torch.stack([t for _, t in ready]) if ready else None,
+        [i for i, _ in ready], _stack([t for _, t in ready]) if ready else None,
         [i for i, _ in raw], torch.cat([t for _, t in raw]) if raw else None,
         torch.tensor([len(t) for _, t in raw], dtype=torch.long).cumsum(0).tolist(),
         [(i, err) for i, _, err, _ in items if err is not None],
@@ -345,14 +358,20 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def dataset(paths: Sequence[Path], preprocess: Callable, settings: LoaderSettings) -> ImageFiles:
-    """The stage's images, split between the workers and the device decoder as `settings` say."""
+def dataset(paths: Sequence[Path], preprocess: Callable, settings: LoaderSettings,
+            also: Sequence[Callable] = ()) -> ImageFiles:
+    """The stage's images, split between the workers and the device decoder as `settings` say.
+
+    `also`: other models' preprocessing, applied to the same decoded image: `batches` then
+    yields a tuple of inputs, `preprocess`'s first. The image is decoded large enough for all.
+    """
     split = None
-    if settings.gpu_decode:
+    if settings.gpu_decode and not also:
         split = Split(settings.gpu_share, settings.workers,
                       worker_context() if settings.workers else None)
+    sides = [draft_side(p, settings.draft_factor) for p in (preprocess, *also)]
     return ImageFiles(paths, preprocess, settings.max_pixels, split,
-                      draft_side(preprocess, settings.draft_factor))
+                      None if None in sides else max(sides), also)
 
 
 PREFETCH_IMAGES = 8192  # decoded images waiting in shared memory, at most (2 batches per worker aside)
@@ -365,8 +384,9 @@ def prefetch_factor(settings: LoaderSettings) -> int:
 
 
 def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device
-            ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Yield (indices, batch on `device`, failures) for the whole dataset."""
+            ) -> Iterator[tuple[list[int], torch.Tensor | tuple[torch.Tensor, ...] | None, list[tuple[int, str]]]]:
+    """Yield (indices, batch on `device`, failures) for the whole dataset; the batch is a tuple
+    of inputs, one per model, when the dataset has `also`."""
     cuda = device.type == "cuda"
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, num_workers=settings.workers,
@@ -377,6 +397,10 @@ def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device
     for b in loader:
         start = time.perf_counter()
         failures, parts, indices = list(b.failures), [], list(b.ready_idx)
+        if isinstance(b.ready, tuple):  # several models' inputs (no device decoding then)
+            inputs = [t.to(device, non_blocking=True) for t in b.ready]
+            yield indices, (dataset.finish(inputs[0]), *inputs[1:]), failures
+            continue
         if b.ready is not None:
             parts.append(b.ready.to(device, non_blocking=True))
         device_seconds = 0.0

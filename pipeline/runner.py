@@ -42,8 +42,10 @@ def is_transient(error: BaseException) -> bool:
 
 def run_settings(settings: dict[str, dict[str, Any]], stages: list[str]) -> dict[str, dict[str, Any]]:
     """The settings of a run of `stages`, with what depends on the run resolved: `[embed]
-    with_captions = "auto"` is true when the caption stage runs after embed in it."""
-    embed = settings.get("embed", {})
-    if embed.get("with_captions", "auto") != "auto":
-        return settings
-    return {**settings, "embed": {**embed, "with_captions": "embed" in stages and "caption" in stages}}
+    with_captions = "auto"` is true when the caption stage runs after embed in it, and
+    `with_ocr = "auto"` when the ocr stage does."""
+    embed = dict(settings.get("embed", {}))
+    for key, stage in (("with_captions", "caption"), ("with_ocr", "ocr")):
+        if embed.get(key, "auto") == "auto":
+            embed[key] = "embed" in stages and stage in stages
+    return {**settings, "embed": embed}

@@ -112,3 +112,22 @@ def test_workers_decode_fewer_batches_ahead_when_batches_are_large(workers, batc
     settings = loader.LoaderSettings(batch_size=batch_size, workers=workers, gpu_decode=False)
     assert loader.prefetch_factor(settings) == expected
     assert workers * batch_size * expected <= max(loader.PREFETCH_IMAGES, 2 * workers * batch_size)
+
+
+def test_other_models_inputs_come_from_the_same_decode_through_workers(preprocess, sample_paths):
+    """With `also`, each item is every model's input made from one decode, stacked per model,
+    across worker processes; the device decoder (one model's crops only) stays out."""
+    from clipgram.models.ocr import Square
+
+    square = Square(96)
+    settings = loader.LoaderSettings(batch_size=3, workers=1, gpu_decode=True)
+    files = loader.dataset(sample_paths[:5], preprocess, settings, also=[square])
+    assert files.split is None
+    seen = []
+    for indices, (crops, squares), failures in loader.batches(files, settings, pick_device("cpu")):
+        assert not failures and len(crops) == len(squares) == len(indices)
+        for k, i in enumerate(indices):
+            image = images.load_rgb(sample_paths[i])
+            assert torch.equal(crops[k], preprocess(image)) and torch.equal(squares[k], square(image))
+        seen += indices
+    assert sorted(seen) == list(range(5))

@@ -78,16 +78,17 @@ def _folder(tmp_path):
 
 
 def test_stage_in_the_dag_sql_and_search(prefect_harness, make_config, tmp_path):
-    """A folder ingested by the flow: each image read once, a rerun reads nothing, `images`
-    has the text for SQL, and caption full-text search finds a poster by a word that is only
-    in its image."""
+    """A folder ingested by the flow: each image read once (in the embed stage's pass, its one
+    decode), a rerun reads nothing, `images` has the text for SQL, and caption full-text search
+    finds a poster by a word that is only in its image."""
     from clipgram.flows.ingest import ingest_account
 
     cfg, photos = make_config(tmp_path / "data"), str(_folder(tmp_path))
     results = {r.stage: r for r in ingest_account("photos", cfg.as_dict(), source=photos)}
-    assert results["ocr"].done == 5 and results["ocr"].failed == 0
+    assert results["embed"].details["read for text"] == 5 and results["embed"].failed == 0
+    assert results["ocr"].done == 0 and results["ocr"].note.startswith("nothing left")
     again = {r.stage: r for r in ingest_account("photos", cfg.as_dict(), source=photos)}
-    assert again["ocr"].done == 0
+    assert again["ocr"].done == again["embed"].done == 0
     con = catalog.connect(cfg.data_dir)
     model = con.execute("SELECT value FROM clipgram_meta WHERE key = 'ocr'").fetchone()[0]
     assert model == ocr_model.model_id(cfg.ocr)

@@ -9,6 +9,7 @@ from clipgram.config import load_config
 from clipgram.models import captioner, clip
 from clipgram.stages.caption import caption
 from clipgram.stages.embed import embed
+from clipgram.stages.ocr import ocr
 
 
 @pytest.fixture
@@ -77,14 +78,37 @@ def test_one_pass_gives_each_model_only_the_images_it_has_pending(stored):
     assert tables.connect(cfg.data_dir).execute("SELECT count(*) FROM embeddings").fetchone()[0] == loose
 
 
-def test_models_that_take_different_inputs_keep_their_own_decodes(stored, caplog):
-    cfg = _with_captions(stored["together"])
-    model = captioner.from_config(cfg.models, cfg.caption)
+def test_three_models_with_different_inputs_share_one_decode(stored, monkeypatch):
+    """CoCa fed a smaller input than CLIP's and OCR its own large one: each image is still
+    decoded once, and each model's rows are those its own stage writes from its own decode."""
+    ocr_model = pytest.importorskip("clipgram.models.ocr")
+    pytest.importorskip("rapidocr_onnxruntime", reason="the OCR extra is not installed")
+    apart = stored["apart"]
+    together = load_config(overrides={**stored["together"].as_dict(), "ocr": {"max_side": 320},
+                                      "embed": {"with_captions": True, "with_ocr": True}}, environ={})
+    model = captioner.from_config(apart.models, apart.caption)
     other = captioner.Captioner.__new__(captioner.Captioner)
     other.__dict__.update(model.__dict__)
     other.preprocess = loader.T.Compose([loader.T.Resize(32), *model.preprocess.transforms[1:]])
-    with caplog.at_level("INFO", logger="clipgram.embed"):
-        result = embed(cfg.data_dir, "a", cfg, captions=other)
-    assert "captioned" not in result.details and result.details["decoded"] == 10
-    assert "take different inputs" in caplog.text
-    assert caption(cfg.data_dir, "a", cfg, model).done == 9  # the caption stage does its own
+    reader = ocr_model.from_config(together.ocr)
+    encoder = clip.from_config(apart.models)
+    embed(apart.data_dir, "a", apart, encoder)
+    caption(apart.data_dir, "a", apart, other)
+    ocr(apart.data_dir, "a", together, reader)
+
+    decoded = []
+    real = images.load_rgb
+
+    def counted(path, *args, **kwargs):
+        decoded.append(path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(images, "load_rgb", counted)
+    result = embed(together.data_dir, "a", together, encoder, captions=other, reader=reader)
+    assert len(decoded) == len(set(decoded)) == 10
+    assert (result.done, result.details["captioned"], result.details["read for text"]) == (9, 9, 9)
+    assert ocr(together.data_dir, "a", together, reader).done == 0  # nothing left for the ocr stage
+    assert _rows(together, tables.CAPTIONS, model.id) == _rows(apart, tables.CAPTIONS, model.id)
+    read = [tables.connect(cfg.data_dir).execute(
+        f"SELECT sha256, text, lines, error FROM ({tables.scan_sql(tables.OCR, cfg.data_dir, str(cfg.data_dir), reader.id)}) "
+        "ORDER BY sha256").fetchall() for cfg in (together, apart)]
+    assert read[0] == read[1] and len(read[0]) == 10

@@ -46,7 +46,7 @@ def caption_rows(model: captioner.Captioner, batch: torch.Tensor) -> list[dict[s
 def head(model: captioner.Captioner, cfg: Config) -> inference.Head:
     return inference.Head("caption", tables.CAPTIONS, model.id, lambda batch: caption_rows(model, batch),
                           cfg.caption.part_rows, failed, cfg.caption.retry_failed,
-                          loader.loader_settings(cfg, "caption", model.device))
+                          loader.loader_settings(cfg, "caption", model.device), model.preprocess)
 
 
 def caption(data_dir: Path, account: str, cfg: Config, model: captioner.Captioner | None = None,

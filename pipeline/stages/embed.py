@@ -1,10 +1,11 @@
 """Embed stage: CLIP image embeddings keyed by (sha256, model id).
 
-In a run that captions too (`[embed] with_captions`, set by the flow when the caption stage
-follows), the images the caption stage would caption are captioned in the same pass when
-the two models take the same input (the same preprocessing, as CLIP ViT-B-32 and CoCa
-ViT-B-32 do): each image is decoded once for both, and the caption stage then finds
-nothing left. Its rows are the caption stage's own (`caption.head`).
+In a run that also captions or reads text (`[embed] with_captions`, `with_ocr`, set by the
+flow when those stages follow), the images those stages would do are done in the same pass,
+when their models run on the same device: each image is decoded once, and each model's
+input is made from it (the same tensor for CLIP ViT-B-32 and CoCa ViT-B-32; OCR's own
+larger one). The caption and ocr stages then find nothing left. Their rows are their own
+stages' (`caption.head`, `ocr.head`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from clipgram import inference, loader, shards, tables
 from clipgram.config import Config
 from clipgram.models import captioner, clip
+from clipgram.models import ocr as ocr_model
 from clipgram.result import StageResult
-from clipgram.stages import caption
+from clipgram.stages import caption, ocr
 
 log = logging.getLogger("clipgram.embed")
 
@@ -35,24 +37,30 @@ def head(encoder: clip.ClipEncoder, cfg: Config) -> inference.Head:
 
 
 def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder | None = None,
-          shard: shards.Shard | None = None, captions: captioner.Captioner | None = None) -> StageResult:
+          shard: shards.Shard | None = None, captions: captioner.Captioner | None = None,
+          reader: ocr_model.OcrReader | None = None) -> StageResult:
     """Embed the account's downloaded images not yet embedded by the configured model (those
-    of `shard` only, when given); with `[embed] with_captions`, caption them in the same pass
-    (with `captions`, else the configured captioner)."""
+    of `shard` only, when given); with `[embed] with_captions` / `with_ocr`, caption them /
+    read their text in the same pass (with `captions` / `reader`, else the configured ones)."""
     encoder = encoder or clip.from_config(cfg.models)
     heads = [head(encoder, cfg)]
+    others = []
     if with_captions(cfg):
-        model = captions or captioner.from_config(cfg.models, cfg.caption)
-        if same_input(encoder.preprocess, model.preprocess) and model.device == encoder.device:
-            heads.append(caption.head(model, cfg))
-        else:
-            log.info("embed: %s and %s take different inputs; the caption stage decodes the images "
-                     "again", encoder.id, model.id)
+        others.append(("caption", captions or captioner.from_config(cfg.models, cfg.caption), caption.head))
+    if with_ocr(cfg):
+        others.append(("ocr", reader or ocr_model.from_config(cfg.ocr), ocr.head))
+    for stage, model, model_head in others:
+        if model.device == encoder.device:
+            heads.append(model_head(model, cfg))
+        else:  # a model on another device would wait for this one's batches, or make it wait
+            log.info("embed: %s runs on %s, %s on %s; the %s stage decodes the images again",
+                     model.id, model.device, encoder.id, encoder.device, stage)
     results = inference.run_heads(data_dir, account, heads, encoder.preprocess, device=encoder.device,
                                   settings=heads[0].settings, shard=shard)
-    if len(results) > 1:  # the caption stage will find these done
-        results[0].details["captioned"] = results[1].done
-        results[0].note = f"{results[1].done} captioned too, {results[0].note}"
+    done = {"caption": "captioned", "ocr": "read for text"}
+    for result in results[1:]:  # the caption and ocr stages will find these done
+        results[0].details[done[result.stage]] = result.done
+        results[0].note = f"{result.done} {done[result.stage]} too, {results[0].note}"
     return [result.log() for result in results][0]
 
 
@@ -60,10 +68,8 @@ def with_captions(cfg: Config) -> bool:
     return cfg.embed.with_captions is True
 
 
-def same_input(a: Any, b: Any) -> bool:
-    """Whether two models' preprocessing gives the same tensor from an image (as printed:
-    torchvision's transforms list their sizes, interpolation, mean and std)."""
-    return repr(a) == repr(b)
+def with_ocr(cfg: Config) -> bool:
+    return cfg.embed.with_ocr is True and ocr_model.published_id(cfg.ocr) is not None
 
 
 def run(cfg: Config, account: str) -> StageResult:
@@ -71,6 +77,8 @@ def run(cfg: Config, account: str) -> StageResult:
     partitions = [(tables.EMBEDDINGS, clip.model_id(cfg.models), cfg.embed.retry_failed)]
     if with_captions(cfg):
         partitions.append((tables.CAPTIONS, captioner.model_id(cfg.models), cfg.caption.retry_failed))
+    if with_ocr(cfg):
+        partitions.append((tables.OCR, ocr_model.model_id(cfg.ocr), cfg.ocr.retry_failed))
     return shards.run(cfg, "embed", account, [(table, model) for table, model, _ in partitions],
                       lambda: len({sha for table, model, retry in partitions
                                    for sha, _ in inference.pending(cfg.data_dir, table, model, account, retry)}),

@@ -43,7 +43,7 @@ def read_rows(reader: ocr_model.OcrReader, batch: torch.Tensor) -> list[dict[str
 def head(reader: ocr_model.OcrReader, cfg: Config) -> inference.Head:
     settings = loader.loader_settings(cfg, "ocr", reader.device)
     return inference.Head("ocr", tables.OCR, reader.id, lambda batch: read_rows(reader, batch),
-                          cfg.ocr.part_rows, failed, cfg.ocr.retry_failed, settings)
+                          cfg.ocr.part_rows, failed, cfg.ocr.retry_failed, settings, reader.preprocess)
 
 
 def ocr(data_dir: Path, account: str, cfg: Config, reader: ocr_model.OcrReader | None = None,
@@ -68,6 +68,9 @@ def run(cfg: Config, account: str) -> StageResult:
 
     def pending() -> int:
         return len(inference.pending(cfg.data_dir, tables.OCR, model_id, account, cfg.ocr.retry_failed))
+    if cfg.embed.with_ocr is True and not pending():  # no model to load for nothing
+        return StageResult("ocr", account, note=f"nothing left: the embed stage read them in its "
+                                                f"pass; {model_id}").log()
     return shards.run(cfg, "ocr", account, [(tables.OCR, model_id)], pending, run_shard)
 
 
