@@ -86,3 +86,9 @@ def partition_lock(data_dir: Path, table: str, value: str) -> ContextManager[Non
     """
     path = data_dir / "locks" / f"{table}={tables.check_partition_value(value)}.lock"
     return hold(path, None, RuntimeError)  # never busy: it waits
+
+
+def catalog_lock(data_dir: Path) -> ContextManager[None]:
+    """Hold the catalog for a publish, waiting as long as its holder takes: two accounts'
+    runs that publish at once build their catalogs one after the other, not into one file."""
+    return hold(data_dir / "locks" / "catalog.lock", None, RuntimeError)  # never busy: it waits

@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 
 from clipgram import ann, catalog, storage, tables
+from clipgram.lock import catalog_lock
 from clipgram.result import StageResult
 from clipgram.search import write_matrix
 
@@ -98,6 +99,19 @@ def _drop_stale_indexes(data_dir: Path, keep: set[str | None]) -> None:
             path.unlink(missing_ok=True)  # readers that mapped it keep their copy until closed
 
 
+def _building(data_dir: Path) -> Path:
+    """Where publish builds the new catalog, to rename it into place whole."""
+    return data_dir / f".{catalog.CATALOG}.tmp"
+
+
+def _drop_leftovers(data_dir: Path) -> None:
+    """What a publish killed midway left (under the catalog lock, no publish is running): its
+    half-built catalog and the temp files of the index it was writing."""
+    building = _building(data_dir)
+    for path in (building, building.with_name(f"{building.name}.wal"), *(data_dir / INDEX_DIR).glob(".*.tmp")):
+        path.unlink(missing_ok=True)
+
+
 def _fingerprint(data_dir: Path, *ids: Any) -> str:
     """Identifies what a catalog is built from: every Parquet part and the model ids."""
     return tables.fingerprint(data_dir, ["**/*.parquet"], *ids)
@@ -122,14 +136,33 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
     images to build the approximate index too (None: never). `ocr_id`: the OCR model whose
     text the images show and search finds (None: none).
     """
-    final = data_dir / catalog.CATALOG
-    fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold, ocr_id)
-    previous = _published(data_dir)
-    if not force and previous.get("fingerprint") == fingerprint:
-        result = StageResult("publish", account, note="catalog up to date")
-        return result if quiet else result.log()
-    tmp = data_dir / f".{catalog.CATALOG}.tmp"
-    tmp.unlink(missing_ok=True)
+    with catalog_lock(data_dir):
+        fingerprint = _fingerprint(data_dir, clip_id, dim, captioner_id, catalog.layout(), ann_threshold, ocr_id)
+        previous = _published(data_dir)
+        if not force and previous.get("fingerprint") == fingerprint:
+            result = StageResult("publish", account, note="catalog up to date")
+            return result if quiet else result.log()
+        _drop_leftovers(data_dir)
+        documents, index, approximate = _build(data_dir, fingerprint, clip_id, dim, captioner_id, ann_threshold,
+                                               ocr_id, previous)
+        os.replace(_building(data_dir), data_dir / catalog.CATALOG)
+        (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
+        # the replaced catalog's index files stay one more generation: a reader that opened it
+        # just before the swap reads the files it names a moment later
+        _drop_stale_indexes(data_dir, {index, approximate, previous.get("vector_index"), previous.get("ann_index")})
+        _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id,
+                                 "ann_threshold": ann_threshold, "ocr": ocr_id})
+    result = StageResult("publish", account, done=documents, note="searchable images")
+    return result if quiet else result.log()
+
+
+def _build(data_dir: Path, fingerprint: str, clip_id: str | None, dim: int | None, captioner_id: str | None,
+           ann_threshold: int | None, ocr_id: str | None, previous: dict[str, Any]
+           ) -> tuple[int, str | None, str | None]:
+    """The new catalog, built at `.catalog.duckdb.tmp`: its documents' count and the paths of
+    the vector index files it names. When it fails the half-built file goes, the published
+    catalog stays."""
+    tmp = _building(data_dir)
     con = duckdb.connect(str(tmp))
     try:
         con.execute(f"SET file_search_path = '{data_dir}'")
@@ -165,15 +198,7 @@ def publish(data_dir: Path, clip_id: str | None, dim: int | None,
         raise
     finally:
         con.close()
-    os.replace(tmp, final)
-    (data_dir / f"{catalog.CATALOG}.wal").unlink(missing_ok=True)
-    # the replaced catalog's index files stay one more generation: a reader that opened it
-    # just before the swap reads the files it names a moment later
-    _drop_stale_indexes(data_dir, {index, approximate, previous.get("vector_index"), previous.get("ann_index")})
-    _write_models(data_dir, {"clip_model": clip_id, "clip_dim": dim, "captioner": captioner_id,
-                             "ann_threshold": ann_threshold, "ocr": ocr_id})
-    result = StageResult("publish", account, done=documents, note="searchable images")
-    return result if quiet else result.log()
+    return documents, index, approximate
 
 
 def _write_models(data_dir: Path, models: dict[str, Any]) -> None:
