@@ -52,6 +52,7 @@ class DataSettings:
     dir: str
     cache_dir: str
     storage_options: dict[str, Any]
+    retry_s: Seconds
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Config:
     @property
     def data_dir(self) -> Path:
         """Where stages read and write: data.dir, or the local mirror of an object-store data.dir."""
-        return storage.local_dir(self.data.dir, self.data.cache_dir, self.data.storage_options)
+        return storage.local_dir(self.data.dir, self.data.cache_dir, self.data.storage_options, self.data.retry_s)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values, as Prefect parameters and fingerprints take them."""

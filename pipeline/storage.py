@@ -12,7 +12,11 @@ module keeps the mirror and the store in step:
 - `pull` makes the mirror's tables what the store holds (new parts in, parts
   another machine compacted away out), at the start of every stage and command;
 - media are content-addressed and immutable, so they are fetched lazily, when a
-  stage or a page needs the pixels.
+  stage or a page needs the pixels;
+- a store that answers errors (500, 503 SlowDown) or drops connections is retried
+  with exponential backoff for `data.retry_s` seconds before the command stops with
+  one line naming it: every write is one whole object, so nothing half-written is
+  ever visible, and a rerun converges.
 
 The catalog (catalog.duckdb, the vector index) and the locks stay local: they
 are derived from the tables, or about one machine's processes.
@@ -23,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +56,7 @@ class Remote:
     fs: Any                 # fsspec.AbstractFileSystem
     root: str               # the URL's path inside `fs`, no trailing slash
     local: Path             # this machine's mirror of it
+    retry_s: float = 60.0   # how long a failing call is retried before the command stops
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -69,7 +76,8 @@ def default_cache(url: str) -> Path:
     return Path.home() / ".cache" / "clipgram" / "data" / f"{name}-{digest}"
 
 
-def local_dir(location: str, cache_dir: str = "", options: dict[str, Any] | None = None) -> Path:
+def local_dir(location: str, cache_dir: str = "", options: dict[str, Any] | None = None,
+              retry_s: float = 60.0) -> Path:
     """The directory stages work in for data dir `location`.
 
     A local path is itself. A URL gets a local mirror (`cache_dir`, or one under
@@ -89,7 +97,7 @@ def local_dir(location: str, cache_dir: str = "", options: dict[str, Any] | None
         except (ImportError, ValueError) as e:
             raise StorageError(f"cannot open data dir {location}: {e} (for s3:// install s3fs, "
                                "for gs:// gcsfs; settings go in [data] storage_options)") from None
-        _MIRRORS[local] = Remote(location, fs, root.rstrip("/"), local)
+        _MIRRORS[local] = Remote(location, fs, root.rstrip("/"), local, retry_s)
         local.mkdir(parents=True, exist_ok=True)
     return local
 
@@ -108,14 +116,39 @@ def remote_url(data_dir: Path) -> str | None:
     return found[0].url if found else None
 
 
+FIRST_RETRY_S, LONGEST_RETRY_S = 0.2, 10.0
+
+
+def is_lasting(error: BaseException) -> bool:
+    """Whether the store will answer the same again: a missing object, denied access, missing
+    credentials, a bad setting. Anything else (5xx, throttling, a dropped or refused
+    connection, a timeout) may pass, and is retried."""
+    return isinstance(error, (FileNotFoundError, PermissionError, ValueError, TypeError, ImportError)) or \
+        "Credentials" in type(error).__name__
+
+
 def _call(what: str, remote: Remote, fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # each backend has its own errors (botocore's, google-auth's, …)
-        raise StorageError(f"{what} {remote.url}: {e} (check the URL, credentials and "
-                           "[data] storage_options)") from e
+    """`fn(*args)` against the store, retried with exponential backoff (and jitter, so that
+    concurrent transfers do not come back at once) for `remote.retry_s` seconds while the
+    error may pass; then a StorageError naming the store."""
+    started, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # each backend has its own errors (botocore's, google-auth's, …)
+            delay = min(LONGEST_RETRY_S, FIRST_RETRY_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+            waited = time.monotonic() - started
+            if is_lasting(e) or waited + delay > remote.retry_s:
+                tried = f" (tried for {waited:.0f} s)" if attempt else ""
+                raise StorageError(f"{what} {remote.url}: {type(e).__name__}: {e}{tried}; check the URL, "
+                                   "credentials and [data] storage_options, then run the same command "
+                                   "again") from e
+            (log.warning if attempt == 0 else log.debug)(
+                "%s %s: %s: %s; retrying for up to %.0f s", what, remote.url, type(e).__name__, e, remote.retry_s)
+            attempt += 1
+            time.sleep(delay)
 
 
 def upload(tmp: Path, final: Path) -> None:

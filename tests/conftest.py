@@ -1,3 +1,4 @@
+import json
 import os
 import pathlib
 
@@ -142,3 +143,13 @@ def s3():
     fs.mkdir(BUCKET)
     yield options, fs
     server.stop()
+
+
+def as_toml(settings: dict) -> str:
+    """Sections of scalars and inline tables as TOML (json's strings and numbers are TOML's)."""
+    def value(v):
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
+                   for section, values in settings.items())

@@ -2,14 +2,13 @@
 worker (`dask worker` processes), `clipgram ingest` pointed at the scheduler by environment
 variables, and an object-store data directory (S3 on 127.0.0.1). Its tables equal a local run's."""
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
-from conftest import BUCKET
+from conftest import BUCKET, as_toml
 from snapshots import assert_same, snapshot
 
 from clipgram import dag, demo, storage
@@ -23,16 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _toml(settings: dict) -> str:
-    """Sections of scalars and inline tables as TOML (json's strings and numbers are TOML's)."""
-    def value(v):
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        return json.dumps(v)
-    return "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
-                   for section, values in settings.items())
 
 
 def test_the_readme_cluster_recipe_on_two_dask_worker_processes_and_s3(
@@ -68,7 +57,7 @@ def test_the_readme_cluster_recipe_on_two_dask_worker_processes_and_s3(
             client.wait_for_workers(2, timeout=120)
             url = f"s3://{BUCKET}/cluster"
             config = tmp_path / "cluster.toml"
-            config.write_text(_toml({
+            config.write_text(as_toml({
                 "data": {"dir": url, "cache_dir": str(tmp_path / "mirror"), "storage_options": options},
                 "models": {"clip": "tiny", "captioner": "tiny", "device": "cpu",
                            "cache_dir": str(reference.models.cache_dir)},

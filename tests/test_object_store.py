@@ -98,7 +98,8 @@ def test_an_unreachable_store_is_a_clear_error(make_config, tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text(f'[data]\ndir = "s3://nowhere/lib"\ncache_dir = "{tmp_path / "m"}"\n'
                       'storage_options = { endpoint_url = "http://127.0.0.1:9", key = "k", secret = "s", '
-                      'config_kwargs = { connect_timeout = 1, retries = { max_attempts = 1 } } }\n')
+                      'config_kwargs = { connect_timeout = 1, retries = { max_attempts = 1 } } }\n'
+                      'retry_s = 1\n')
     assert cli.main(["sql", "--config", str(config), "SELECT 1"]) == 2
     err = capsys.readouterr().err
     assert "s3://nowhere/lib" in err and "storage_options" in err
