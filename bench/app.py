@@ -202,6 +202,16 @@ def query_read_ms(repeats: int = 200) -> float:
     return round(statistics.median(times) * 1000, 3)
 
 
+def prepare(cfg: Config, images: int, model_id: str, dim: int) -> None:
+    """A library of `images` as the stages leave it: written, published, analysed."""
+    from clipgram.stages.analyse import analyse
+    from clipgram.stages.publish import publish
+
+    build_library(cfg.data_dir, images, model_id, dim)
+    publish(cfg.data_dir, model_id, dim, None)
+    analyse(cfg, ACCOUNT)
+
+
 def fit_relevance(cfg: Config, model_id: str) -> None:
     """The relevance cutoff's caption banks (analysis/relevance.py), from the scenes' captions:
     the bench library has no generated captions for the analyse stage to fit them from."""
@@ -251,18 +261,19 @@ def vit_b32_text_ms(repeats: int = 20) -> float:
     return round(statistics.median(times) * 1000, 2)
 
 
-def run(images: int, repeats: int) -> dict[str, Any]:
+def run(images: int, repeats: int, built: Path | None = None) -> dict[str, Any]:
+    """The app's figures over a library of `images` built here, or over `built`: a data dir
+    that bench.analyse left, built, published and analysed (make bench: the same library)."""
     from clipgram.app import library, server
-    from clipgram.stages.analyse import analyse
-    from clipgram.stages.publish import publish
 
     with tempfile.TemporaryDirectory(prefix="clipgram-bench-app-") as work:
-        data_dir = Path(work) / "data"
+        data_dir = built or Path(work) / "data"
         cfg, model_id, dim = library_settings(data_dir)
         started = time.perf_counter()
-        build_library(data_dir, images, model_id, dim)
-        publish(data_dir, model_id, dim, None)
-        analyse(cfg, ACCOUNT)
+        if built is None:
+            prepare(cfg, images, model_id, dim)
+        else:
+            images = tables.connect(data_dir).execute("SELECT count(*) FROM media").fetchone()[0]
         fit_relevance(cfg, model_id)
         build_s = time.perf_counter() - started
         lib = library.Library(data_dir, cfg.models)
