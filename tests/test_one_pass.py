@@ -27,6 +27,21 @@ def stored(make_config, as_downloaded, sample_paths, tmp_path):
     return dirs
 
 
+@pytest.fixture
+def decodes(monkeypatch):
+    """Call it to start counting: the list of paths decoded from then on."""
+    def start() -> list:
+        decoded = []
+        real = images.load_rgb
+
+        def counted(path, *args, **kwargs):
+            decoded.append(path)
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(images, "load_rgb", counted)
+        return decoded
+    return start
+
+
 def _rows(cfg, table, model_id):
     """(sha256, embedding or caption, error) of every row written, in sha256 order."""
     value = "embedding" if table is tables.EMBEDDINGS else "caption"
@@ -39,20 +54,14 @@ def _with_captions(cfg):
     return load_config(overrides={**cfg.as_dict(), "embed": {"with_captions": True}}, environ={})
 
 
-def test_one_pass_decodes_each_image_once_and_writes_what_the_two_stages_write(stored, monkeypatch):
+def test_one_pass_decodes_each_image_once_and_writes_what_the_two_stages_write(stored, decodes):
     apart, together = stored["apart"], _with_captions(stored["together"])
     encoder = clip.from_config(apart.models)
     model = captioner.from_config(apart.models, apart.caption)
     embed(apart.data_dir, "a", apart)
     caption(apart.data_dir, "a", apart)
 
-    decoded = []
-    real = images.load_rgb
-
-    def counted(path, *args, **kwargs):
-        decoded.append(path)
-        return real(path, *args, **kwargs)
-    monkeypatch.setattr(images, "load_rgb", counted)
+    decoded = decodes()
     result = embed(together.data_dir, "a", together)
     assert len(decoded) == len(set(decoded)) == 10  # every image once, the broken one included
     assert (result.done, result.failed, result.details["captioned"], result.details["decoded"]) == (9, 1, 9, 10)
@@ -78,7 +87,7 @@ def test_one_pass_gives_each_model_only_the_images_it_has_pending(stored):
     assert tables.connect(cfg.data_dir).execute("SELECT count(*) FROM embeddings").fetchone()[0] == loose
 
 
-def test_three_models_with_different_inputs_share_one_decode(stored, monkeypatch):
+def test_three_models_with_different_inputs_share_one_decode(stored, decodes):
     """CoCa fed a smaller input than CLIP's and OCR its own large one: each image is still
     decoded once, and each model's rows are those its own stage writes from its own decode."""
     ocr_model = pytest.importorskip("clipgram.models.ocr")
@@ -96,13 +105,7 @@ def test_three_models_with_different_inputs_share_one_decode(stored, monkeypatch
     caption(apart.data_dir, "a", apart, other)
     ocr(apart.data_dir, "a", together, reader)
 
-    decoded = []
-    real = images.load_rgb
-
-    def counted(path, *args, **kwargs):
-        decoded.append(path)
-        return real(path, *args, **kwargs)
-    monkeypatch.setattr(images, "load_rgb", counted)
+    decoded = decodes()
     result = embed(together.data_dir, "a", together, encoder, captions=other, reader=reader)
     assert len(decoded) == len(set(decoded)) == 10
     assert (result.done, result.details["captioned"], result.details["read for text"]) == (9, 9, 9)
