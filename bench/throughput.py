@@ -308,11 +308,10 @@ def bench_caption(data_dir: Path, arch: str, device: torch.device, count: int,
             "gpu_utilisation_pct": sum(utilisation) / len(utilisation) if utilisation else None}
 
 
-def _ocr_reader(max_side: int | None = None) -> ocr_model.OcrReader | None:
+def _ocr_reader() -> ocr_model.OcrReader | None:
     """The configured OCR model (real weights: they ship in its wheel); None when not installed."""
-    settings = load_config(environ={}).ocr
     try:
-        return ocr_model.from_config(replace(settings, max_side=max_side or settings.max_side))
+        return ocr_model.from_config(load_config(environ={}).ocr)
     except ocr_model.OcrMissing as e:
         print(f"no OCR figures: {e}")
         return None

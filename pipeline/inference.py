@@ -147,9 +147,8 @@ def _first_input(dataset: loader.ImageFiles, device: torch.device, view: int = 0
     for i in range(len(dataset)):
         try:
             decoded = dataset.decode(i)
-            if isinstance(decoded, tuple):
-                return decoded[view].to(device) if view else dataset.finish(decoded[0].to(device)[None])[0]
-            return dataset.finish(decoded.to(device)[None])[0]
+            inputs = decoded if isinstance(decoded, tuple) else (decoded,)
+            return dataset.finish_all(tuple(t.to(device)[None] for t in inputs))[view][0]
         except Exception:  # that image fails where the stage decodes it, with the reason
             continue
     return None
@@ -209,6 +208,15 @@ def _inputs(heads: list[Head], preprocess: Callable) -> tuple[list[Callable], li
             found = len(distinct) - 1
         which.append(found)
     return distinct, which
+
+
+def done_in_embed_pass(stage: str, account: str, model_id: str, in_pass: bool, did: str,
+                       pending: Callable[[], int]) -> StageResult | None:
+    """The result of a stage whose images the embed stage's pass did (`in_pass`: the run sent
+    them there) and that has none left: no model to load for nothing. None: it has work."""
+    if in_pass and not pending():
+        return StageResult(stage, account, note=f"nothing left: the embed stage {did} in its pass; {model_id}").log()
+    return None
 
 
 def run(

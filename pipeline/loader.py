@@ -283,6 +283,10 @@ class ImageFiles(Dataset):
         # uint8 crops are normalised here; a preprocess of its own (OCR's) gives the model's input
         return self.transform.finish(batch) if self.transform and batch.dtype == torch.uint8 else batch
 
+    def finish_all(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Each model's batch from `decode`'s tuples, stacked: the first finished, `also`'s as made."""
+        return (self.finish(inputs[0]), *inputs[1:])
+
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
         start = time.perf_counter()
         try:
@@ -399,7 +403,7 @@ def batches(dataset: ImageFiles, settings: LoaderSettings, device: torch.device
         failures, parts, indices = list(b.failures), [], list(b.ready_idx)
         if isinstance(b.ready, tuple):  # several models' inputs (no device decoding then)
             inputs = [t.to(device, non_blocking=True) for t in b.ready]
-            yield indices, (dataset.finish(inputs[0]), *inputs[1:]), failures
+            yield indices, dataset.finish_all(tuple(inputs)), failures
             continue
         if b.ready is not None:
             parts.append(b.ready.to(device, non_blocking=True))

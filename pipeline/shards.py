@@ -91,7 +91,7 @@ def run(cfg: Config, stage: str, account: str, partitions: list[tuple[tables.Tab
     merged = StageResult(stage, account, done=sum(r.done for r in results),
                          failed=sum(r.failed for r in results), note=model_id)
     merged.details["shards"] = count
-    for key in ("decoded", "captioned"):  # figures of the shards' passes, added up
-        if any(key in r.details for r in results):
-            merged.details[key] = sum(r.details.get(key, 0) for r in results)
+    counts = {k for r in results for k, v in r.details.items() if type(v) is int}
+    for key in sorted(counts):  # the shards' passes' counts (decoded, captioned, …), added up
+        merged.details[key] = sum(r.details.get(key, 0) for r in results)
     return merged.log()

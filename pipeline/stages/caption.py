@@ -65,10 +65,9 @@ def run(cfg: Config, account: str) -> StageResult:
 
     def pending() -> int:
         return len(inference.pending(cfg.data_dir, tables.CAPTIONS, model_id, account, cfg.caption.retry_failed))
-    if cfg.embed.with_captions is True and not pending():  # no model to load for nothing
-        return StageResult("caption", account, note=f"nothing left: the embed stage captioned in its "
-                                                    f"pass; {model_id}").log()
-    return shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], pending, run_shard)
+    done = inference.done_in_embed_pass("caption", account, model_id, cfg.embed.with_captions is True,
+                                        "captioned", pending)
+    return done or shards.run(cfg, "caption", account, [(tables.CAPTIONS, model_id)], pending, run_shard)
 
 
 def run_shard(cfg: Config, account: str, shard: shards.Shard | None) -> StageResult:

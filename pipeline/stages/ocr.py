@@ -68,10 +68,9 @@ def run(cfg: Config, account: str) -> StageResult:
 
     def pending() -> int:
         return len(inference.pending(cfg.data_dir, tables.OCR, model_id, account, cfg.ocr.retry_failed))
-    if cfg.embed.with_ocr is True and not pending():  # no model to load for nothing
-        return StageResult("ocr", account, note=f"nothing left: the embed stage read them in its "
-                                                f"pass; {model_id}").log()
-    return shards.run(cfg, "ocr", account, [(tables.OCR, model_id)], pending, run_shard)
+    done = inference.done_in_embed_pass("ocr", account, model_id, cfg.embed.with_ocr is True, "read them",
+                                        pending)
+    return done or shards.run(cfg, "ocr", account, [(tables.OCR, model_id)], pending, run_shard)
 
 
 def run_shard(cfg: Config, account: str, shard: shards.Shard | None) -> StageResult:
