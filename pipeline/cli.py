@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
-import pyarrow as pa
 
 from clipgram import catalog, dag, query, report, search, status, storage
 from clipgram.config import CONFIG_DIR, Config, ConfigError, defaults, load_config
@@ -360,6 +359,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                        if part.startswith("account=")}) or ["ACCOUNT"]
     log.info("moved %d file(s) into %s/; to redo the rows they held: %s", len(moved), doctor.QUARANTINE,
              "; ".join(next_steps(cfg.data_dir, [["rerun", "--account", a] for a in accounts])))
+    if (cfg.data_dir / catalog.CATALOG).exists():  # its views and snapshot tables: over what is left
+        publish.republish(cfg.data_dir, force=True)
     return 0
 
 
@@ -611,9 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _not_reported_here(record: logging.LogRecord) -> bool:
-    """Prefect logs a failed run's exception with its traceback, and its state; a full disk
-    `main` says in one line."""
-    return not ((record.exc_info and disk_full(record.exc_info[1])) or says_disk_full(record.getMessage()))
+    """Prefect logs a failed run's exception with its traceback, and its state; ours (which say
+    what to do) and a full disk `main` says in one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, ClipgramError) or disk_full(error) or says_disk_full(record.getMessage()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,15 +641,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the disk holding {where} is full: free some space and run the same command "
                   "again; what was finished is kept, and the rerun does the rest", file=sys.stderr)
             return 2
-        if not isinstance(e, (ClipgramError, duckdb.Error, pa.ArrowException, FileNotFoundError)):
-            raise
         from clipgram import doctor
 
-        print(f"error: {e}", file=sys.stderr)
-        if (what := doctor.advice(e)) is not None:
-            print(f"  {what}", file=sys.stderr)
-        elif isinstance(e, pa.ArrowException):
+        said = doctor.unreadable(e) or e  # a table file that does not read: which, and what to do
+        if not isinstance(said, (ClipgramError, duckdb.Error, FileNotFoundError)):
             raise
+        print(f"error: {said}", file=sys.stderr)
         return 2
 
 if __name__ == "__main__":

@@ -10,15 +10,25 @@ tables, so a rerun redoes exactly the rows the moved parts held.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipgram.errors import ClipgramError
+
 QUARANTINE = "quarantine"
+
+
+class Unreadable(ClipgramError):
+    """A file under tables/ that does not read; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +82,28 @@ _UNREADABLE = re.compile(r"(magic bytes|Parquet|parquet|thrift|Invalid Input Err
 _TABLE_FILE = re.compile(r"(/\S*?tables/[^'\"\s*]+\.parquet)")  # a file, not a glob
 
 
-def advice(error: BaseException) -> str | None:
-    """For an error about a file under tables/ that does not read: what to do about it."""
+def unreadable(error: BaseException) -> Unreadable | None:
+    """DuckDB's or Arrow's error about a file under tables/ that does not read, as an Unreadable
+    naming that file and what to do; None for any other error."""
+    if isinstance(error, Unreadable):
+        return error
     text = str(error)
     found = _TABLE_FILE.search(text)
     if found is None or not _UNREADABLE.search(text):
         return None
-    return (f"{found.group(1)} does not read (torn, empty or not Parquet): `clipgram doctor` lists every "
-            f"such file, `clipgram repair` moves them into {QUARANTINE}/, and a rerun redoes their rows")
+    return Unreadable(f"{os.path.normpath(found.group(1))} does not read (torn, empty or not Parquet): `clipgram doctor` lists "
+                      f"every such file, `clipgram repair` moves them into {QUARANTINE}/, and a rerun redoes "
+                      "their rows")
+
+
+@contextmanager
+def naming_unreadable() -> Iterator[None]:
+    """Within it, an error about a table file that does not read is raised as Unreadable (the
+    original as its cause): what a stage, a flow or a page says is which file, and what to do."""
+    try:
+        yield
+    except (duckdb.Error, pa.ArrowException, OSError) as e:
+        found = unreadable(e)
+        if found is None or found is e:
+            raise
+        raise found from e

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipgram import storage, tables
+from clipgram import doctor, storage, tables
 from clipgram.result import StageResult
 
 log = logging.getLogger("clipgram.ledger")
@@ -62,7 +62,8 @@ def record(data_dir: Path, run_id: str, account: str, stage: str,
             return StageResult(stage, account, note=note).log()
     _write(data_dir, account, [row])
     try:
-        result = work()
+        with doctor.naming_unreadable():  # the failure names the table file and what to do
+            result = work()
     except BaseException as e:  # KeyboardInterrupt and SystemExit end an attempt too
         error = f"{type(e).__name__}: {e}"[-ERROR_CHARS:]
         _write(data_dir, account, [{**row, "status": "failed", "finished_at": tables.now(),

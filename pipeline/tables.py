@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipgram import storage
+from clipgram import doctor, storage
 
 TS = pa.timestamp("us", tz="UTC")
 STALE_TEMP_S = 3600  # a hidden temp file this old was left by a killed run (writes take seconds)
@@ -308,6 +308,7 @@ def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect()
     root = str(data_dir)
-    for table in ALL_TABLES:
-        con.execute(f"CREATE VIEW {table.name} AS {latest_sql(table, data_dir, root)}")
+    with doctor.naming_unreadable():  # a view reads each part's footer: a torn part fails here
+        for table in ALL_TABLES:
+            con.execute(f"CREATE VIEW {table.name} AS {latest_sql(table, data_dir, root)}")
     return con

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from clipgram import catalog, images, query, search, status
+from clipgram import catalog, doctor, images, query, search, status
 from clipgram.analysis import fits
 from clipgram.analysis.derived import ALL_ACCOUNTS, scope_label
 from clipgram.app import thumbs
@@ -135,6 +136,14 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
     async def _clipgram_error(request: Request, e: ClipgramError) -> JSONResponse:
         missing = isinstance(e, catalog.CatalogMissing)
         return JSONResponse({"error": str(e)}, status_code=503 if missing else 400)
+
+    @app.exception_handler(duckdb.Error)
+    @app.exception_handler(pa.ArrowException)
+    async def _unreadable_table_file(request: Request, e: Exception) -> JSONResponse:
+        found = doctor.unreadable(e)
+        if found is None:
+            raise e  # a bug: the server's own 500, with its traceback in the log
+        return JSONResponse({"error": str(found)}, status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -319,6 +328,8 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
         try:
             answer = library.sandbox().run(body.sql)
         except duckdb.Error as e:
+            if (found := doctor.unreadable(e)) is not None:
+                raise HTTPError(503, str(found)) from None
             raise HTTPError(400, f"the statement failed: {e}") from None
         return {"columns": answer.columns, "truncated": answer.truncated,
                 "elapsed_ms": round(answer.elapsed_ms, 2), "limit": library.sql_limits.rows,
