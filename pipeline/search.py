@@ -33,7 +33,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from clipgram import ann, catalog, images
+from clipgram import ann, catalog, images, storage
 from clipgram.errors import ClipgramError
 
 if TYPE_CHECKING:  # the encoder comes from the caller: searching loads no model itself
@@ -224,21 +224,23 @@ def parse_label_filter(text: str) -> tuple[str, str]:
 # --- the vector index: a memory-mapped matrix ---------------------------------------------------
 
 def write_matrix(path: Path, count: int, dim: int, batches: Iterable[pa.RecordBatch]) -> Path:
-    """Stream FLOAT[dim] batches (first column) into a float32 .npy at `path`, atomically."""
+    """Stream FLOAT[dim] batches (first column) into a float32 .npy at `path`, atomically.
+
+    Plain writes, not a memory map: a disk that fills up then raises ENOSPC (one line, and
+    the rerun finishes) where stores into a mapped sparse file would kill the process (SIGBUS).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (count, dim)}
     row = 0
-    for batch in batches:
-        values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-        block = values.reshape(-1, dim)
-        matrix[row:row + len(block)] = block
-        row += len(block)
-    if row != count:
-        raise RuntimeError(f"vector index: expected {count} rows, got {row}")
-    matrix.flush()
-    del matrix
-    tmp.replace(path)
+    with storage.replacing(path, to_store=False) as tmp, open(tmp, "wb") as f:  # each machine builds its own
+        np.lib.format.write_array_header_2_0(f, header)
+        for batch in batches:
+            block = batch.column(0).flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            f.write(block.tobytes())
+            row += len(block) // dim
+        if row != count:
+            raise RuntimeError(f"vector index: expected {count} rows, got {row}")
     return path
 
 

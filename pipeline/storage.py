@@ -31,8 +31,9 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,15 +166,29 @@ def temp_path(final: Path) -> Path:
     return final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace the small file `path` with `text` atomically, in the store first when there is one."""
-    tmp = temp_path(path)
+@contextmanager
+def replacing(final: Path, to_store: bool = True) -> Iterator[Path]:
+    """A temp path beside `final` to write its new content to. When the block ends well, the
+    file replaces `final` whole (in the store first, when there is one and `to_store`); when
+    it fails (a full disk), the temp file goes: a reader sees the old file or the new one."""
+    tmp = temp_path(final)
     try:
-        tmp.write_text(text)
-        upload(tmp, path)
-        os.replace(tmp, path)
+        yield tmp
+        if to_store:
+            upload(tmp, final)
+        os.replace(tmp, final)
+    except OSError as e:
+        if e.filename is None:  # a write() says nothing of where: a full disk's message names it
+            e.filename = str(final)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace the small file `path` with `text` atomically, in the store first when there is one."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def upload_new(path: Path) -> None:

@@ -204,16 +204,10 @@ def write_atomically(arrow: pa.Table, final: Path) -> Path:
 
     The temp name is hidden and not *.parquet, so no reader's glob sees a half-written file.
     """
-    tmp = storage.temp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(arrow, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        storage.upload(tmp, final)  # into the object store first, when the data dir is one
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with storage.replacing(final) as tmp, open(tmp, "wb") as f:  # the store's copy first, if any
+        pq.write_table(arrow, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
     dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

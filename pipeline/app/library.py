@@ -63,6 +63,16 @@ class Library:
                 self._current = Generation(stamp, con, search.TextIndex.build(con))
             return self._current
 
+    def close(self) -> None:
+        """Let go of the catalog (its file stays open while a connection is): the next request
+        opens the newest again."""
+        with self._lock:
+            if self._current is not None:
+                self._current.con.close()
+            if self._sandbox is not None:
+                self._sandbox[1].close()
+            self._current = self._sandbox = None
+
     def cursor(self, generation: Generation | None = None) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for one request (a DuckDB connection is not shared across
         threads), on `generation` (default: the newest)."""

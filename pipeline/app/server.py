@@ -25,7 +25,7 @@ import pyarrow as pa
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -335,27 +335,29 @@ def create_app(library: Library, token: str | None = None) -> FastAPI:
                 "elapsed_ms": round(answer.elapsed_ms, 2), "limit": library.sql_limits.rows,
                 "rows": jsonable_encoder(answer.rows, custom_encoder={bytes: bytes.hex})}
 
-    def by_content(find, sha256: str, media_type: str | None = None) -> FileResponse:
-        """A file named by content address: its bytes never change behind the name."""
+    def by_content(find, sha256: str, media_type: str | None = None) -> Response:
+        """A file named by content address (or its bytes, made for this request): they never
+        change behind the name."""
         try:
-            path = find(library.data_dir, library.cursor(), sha256)
+            found = find(library.data_dir, library.cursor(), sha256)
         except thumbs.NoSuchImage as e:
             raise HTTPError(404, str(e)) from None
         except images.BadImage as e:
             raise HTTPError(422, f"the stored image cannot be decoded: {e}") from None
+        headers = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+        if isinstance(found, bytes):
+            return Response(found, media_type=media_type, headers=headers)
         if media_type is None:  # the type comes from the bytes' header, not the name (no full decode)
-            with Image.open(path) as img:
+            with Image.open(found) as img:
                 media_type = Image.MIME.get(img.format or "", "application/octet-stream")
-        return FileResponse(path, media_type=media_type,
-                            headers={"Cache-Control": "public, max-age=31536000, immutable",
-                                     "X-Content-Type-Options": "nosniff"})
+        return FileResponse(found, media_type=media_type, headers=headers)
 
     @app.get("/media/{sha256}", summary="A stored image itself, by its sha256 (the image page only)")
-    def media(sha256: str) -> FileResponse:
+    def media(sha256: str) -> Response:
         return by_content(thumbs.stored, sha256)
 
     @app.get("/thumb/{sha256}", summary="A thumbnail, by the sha256 of the stored image")
-    def thumb(sha256: str) -> FileResponse:
+    def thumb(sha256: str) -> Response:
         return by_content(thumbs.thumbnail, sha256, "image/jpeg")
 
     return app
@@ -394,3 +396,4 @@ def running(library: Library, token: str | None = None, startup_s: float = 30) -
     finally:
         server.should_exit = True
         thread.join(10)
+        library.close()

@@ -57,6 +57,10 @@ class Sandbox:
         self._lock = threading.Lock()
         self._con = _open(data_dir.resolve(), load_encoder)
 
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
     def run(self, sql: str) -> Answer:
         statements = self._con.extract_statements(sql)  # raises duckdb.ParserException
         if len(statements) != 1:

@@ -6,18 +6,23 @@ catalog holds for that hash. Nothing from a request is ever joined into a path.
 
 from __future__ import annotations
 
-import os
+import functools
+import io
+import logging
 import re
-import tempfile
 from pathlib import Path
 
 import duckdb
 
-from clipgram import images
+from clipgram import images, storage
+from clipgram.errors import disk_full
+
+log = logging.getLogger("clipgram.app")
 
 SIDE = 320  # the longer side: sharp in a grid of a few hundred pixels per cell
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FOLDER = "thumbs"
+QUALITY = 85
 
 
 class NoSuchImage(LookupError):
@@ -35,8 +40,9 @@ def stored(data_dir: Path, con: duckdb.DuckDBPyConnection, sha256: str) -> Path:
     return data_dir / row[0]
 
 
-def thumbnail(data_dir: Path, con: duckdb.DuckDBPyConnection, sha256: str) -> Path:
-    """The cached JPEG thumbnail of the stored image `sha256`, made at the first request."""
+def thumbnail(data_dir: Path, con: duckdb.DuckDBPyConnection, sha256: str) -> Path | bytes:
+    """The cached JPEG thumbnail of the stored image `sha256`, made at the first request; on a
+    disk too full to cache it, its bytes: the app goes on showing pictures."""
     if not SHA256.fullmatch(sha256):
         raise NoSuchImage("an image is named by the 64 hex digits of its sha256")
     cached = data_dir / FOLDER / sha256[:2] / f"{sha256}.jpg"
@@ -44,13 +50,22 @@ def thumbnail(data_dir: Path, con: duckdb.DuckDBPyConnection, sha256: str) -> Pa
         return cached
     img = images.load_rgb(stored(data_dir, con, sha256), min_side=SIDE)  # the decoder ingestion uses
     img.thumbnail((SIDE, SIDE))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, "JPEG", quality=85)
-        os.replace(tmp, cached)  # two requests racing both write whole files; either wins
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return cached
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        # two requests racing both write whole files; either wins
+        with storage.replacing(cached, to_store=False) as tmp:  # a cache of this machine's
+            img.save(tmp, "JPEG", quality=QUALITY)
+        return cached
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        _say_disk_full(cached.parent.parent)
+    made = io.BytesIO()
+    img.save(made, "JPEG", quality=QUALITY)
+    return made.getvalue()
+
+
+@functools.cache  # once per server: every thumbnail not yet cached meets it
+def _say_disk_full(folder: Path) -> None:
+    log.warning("the disk holding %s is full: thumbnails are served without being cached; free some "
+                "space and they are cached again", folder)
