@@ -4,15 +4,15 @@ repair`).
 A Parquet part cut short (a machine that crashed, a copy or a sync tool interrupted), a
 zero-byte part, a file that is not Parquet at all, or a temp file an interrupted write left:
 each is named with what is wrong. Repair moves them, never deletes them, into `quarantine/`
-under the data directory, keeping their paths; the stages compute their to-do lists from the
-tables, so a rerun redoes exactly the rows the moved parts held.
+under the data directory (in its object store too, when it has one), keeping their paths;
+the stages compute their to-do lists from the tables, so a rerun redoes exactly the rows the
+moved parts held.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipgram import storage
 from clipgram.errors import ClipgramError
 
 QUARANTINE = "quarantine"
@@ -67,12 +68,11 @@ def repair(data_dir: Path, problems: list[Problem]) -> list[Path]:
     moved = []
     for problem in problems:
         target = data_dir / QUARANTINE / problem.path
-        target.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         while target.exists():
             target = target.with_name(f"{problem.path.name}.{n}")
             n += 1
-        shutil.move(data_dir / problem.path, target)
+        storage.move(data_dir / problem.path, target)  # in an object-store data dir, there too
         moved.append(target)
     return moved
 

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -198,6 +199,22 @@ def upload_new(path: Path) -> None:
         remote, rel = found
         if not _call("cannot read", remote, remote.fs.exists, remote.key(rel)):
             _call("cannot write to", remote, remote.fs.put_file, str(path), remote.key(rel))
+
+
+def move(source: Path, target: Path) -> None:
+    """Move a file of a data dir to another path of it: in the store first, when there is one
+    (a copy there, then the original's removal, so the next pull does not bring it back)."""
+    found, to = _remote(source), _remote(target)
+    if found and to:
+        remote, rel = found
+        try:
+            _call("cannot write to", remote, remote.fs.copy, remote.key(rel), remote.key(to[1]))
+        except FileNotFoundError:
+            pass  # only in this mirror: a temp file of a write killed before its upload
+        else:
+            _call("cannot delete from", remote, remote.fs.rm_file, remote.key(rel))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
 
 
 def remove(paths: Iterable[Path]) -> None:

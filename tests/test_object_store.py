@@ -26,6 +26,17 @@ def _stored(fs, url, under):
     return sorted(k.split("/", 2)[2] for k in fs.find(f"{url.removeprefix('s3://')}/{under}"))
 
 
+def _machine_file(tmp_path, name, url, options, like):
+    """A settings file for the CLI of one more machine on the S3 data dir, models as `like`'s."""
+    config = tmp_path / f"{name}.toml"
+    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items())  # a TOML inline table
+    config.write_text(f'[data]\ndir = "{url}"\ncache_dir = "{tmp_path / name}"\n'
+                      f"storage_options = {{ {inline} }}\n"
+                      f'[models]\nclip = "tiny"\ncaptioner = "tiny"\ndevice = "cpu"\n'
+                      f'cache_dir = "{like.models.cache_dir}"\n')
+    return config
+
+
 def _rows(cfg, sql):
     return tables.connect(cfg.data_dir).execute(sql).fetchall()
 
@@ -53,12 +64,7 @@ def test_stages_on_two_machines_share_one_s3_data_dir(prefect_harness, machines,
     assert _rows(a, vectors) == _rows(b, vectors)
 
     # a third machine with an empty mirror queries through the CLI: its catalog is built there
-    config = tmp_path / "c.toml"
-    options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s3[0].items())  # a TOML inline table
-    config.write_text(f'[data]\ndir = "{url}"\ncache_dir = "{tmp_path / "c"}"\n'
-                      f"storage_options = {{ {options} }}\n"
-                      f'[models]\nclip = "tiny"\ncaptioner = "tiny"\ndevice = "cpu"\n'
-                      f'cache_dir = "{a.models.cache_dir}"\n')
+    config = _machine_file(tmp_path, "c", url, s3[0], a)
     page = tmp_path / "hits.html"
     assert cli.main(["search", "--config", str(config), "--captions", "red", "--html", str(page)]) == 0
     assert cli.main(["sql", "--config", str(config), "--json",
@@ -74,6 +80,30 @@ def test_stages_on_two_machines_share_one_s3_data_dir(prefect_harness, machines,
                    stages_to_run=["scrape", "download", "embed", "publish"])
     assert (_stored(fs, url, "media"), _rows(a, "SELECT count(*) FROM media")[0][0]) == before
     assert _rows(a, "SELECT count(*) FROM embeddings")[0][0] == embedded
+
+
+def test_repair_moves_a_torn_object_aside_in_the_store_and_a_rerun_redoes_its_rows(
+        prefect_harness, machines, s3, recorded, tmp_path):
+    url, a, b = machines
+    fs = s3[1]
+    ingest_account(demo.ACCOUNT, a.as_dict(), str(recorded), stages_to_run=["scrape", "download", "embed"])
+    embedded = _rows(a, "SELECT count(*) FROM embeddings")[0][0]
+    rel = _stored(fs, url, "tables/embeddings")[0]
+    key = f"{url.removeprefix('s3://')}/{rel}"
+    whole = fs.cat_file(key)
+    fs.pipe_file(key, whole[: len(whole) // 2])  # a sync tool or a crashed upload cut it short
+
+    config = _machine_file(tmp_path, "c", url, s3[0], a)
+    assert cli.main(["doctor", "--config", str(config)]) == 1  # machine C pulled it, and names it
+    assert cli.main(["repair", "--config", str(config)]) == 0
+    assert rel not in _stored(fs, url, "tables")  # gone from the store, so no pull brings it back
+    assert fs.cat_file(f"{url.removeprefix('s3://')}/quarantine/{rel}") == whole[: len(whole) // 2]
+    fresh = _machine_file(tmp_path, "d", url, s3[0], a)
+    assert cli.main(["doctor", "--config", str(fresh)]) == 0
+
+    ingest_account(demo.ACCOUNT, b.as_dict(), str(recorded), stages_to_run=["embed"])
+    storage.pull(a.data_dir)  # A's own copy of the part went too: the store no longer has it
+    assert _rows(a, "SELECT count(*), count(DISTINCT sha256) FROM embeddings")[0] == (embedded, embedded)
 
 
 def test_pull_follows_the_store(machines, s3):
