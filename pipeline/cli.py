@@ -630,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         for name in ("prefect.flow_runs", "prefect.task_runs"):  # the failure is ours to report
             logging.getLogger(name).addFilter(_not_reported_here)
+        for name in ("EventsWorker", "APILogWorker"):  # Prefect's queues draining as a quick run exits
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)
     # ours say what to do; duckdb.Error is the user's own SQL or a table file that does not

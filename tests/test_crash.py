@@ -7,11 +7,10 @@ after every kill, every file a reader can see must be whole, and the next
 process must get the account's lock at once.
 """
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+import crash_driver
 import pyarrow.parquet as pq
 from snapshots import assert_same
 from snapshots import snapshot as _snapshot
@@ -19,24 +18,14 @@ from snapshots import snapshot as _snapshot
 from clipgram import catalog, demo, status, tables
 from clipgram.flows.ingest import ingest_account
 
-ROOT = Path(__file__).resolve().parent.parent
 A = demo.ACCOUNT
 SETTINGS = {"embed": {"batch_size": 8, "part_rows": 8}, "caption": {"batch_size": 8, "part_rows": 8},
             "decode": {"workers": 0}}
 
 
 def _kill_at(point: str, nth: int, cfg, recorded: Path) -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "CLIPGRAM_MODELS_CACHE_DIR": cfg.models.cache_dir, "CLIPGRAM_DECODE_WORKERS": "0",
-           "CLIPGRAM_EMBED_PART_ROWS": "8", "CLIPGRAM_CAPTION_BATCH_SIZE": "8",
-           "CLIPGRAM_DOWNLOAD_ALLOW_PRIVATE_NETWORK": "true"}  # the sample is served on 127.0.0.1
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "crash_driver.py"), point, str(nth), "ingest", A,
-         "--recorded", str(recorded), "--data-dir", str(cfg.data_dir), "--clip-model", "tiny",
-         "--captioner", "tiny", "--device", "cpu", "--batch-size", "8"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    argv, env = crash_driver.command(cfg, recorded, point, str(nth))
+    proc = subprocess.run(argv, cwd=crash_driver.ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"{point}: not killed (rc {proc.returncode})\n{proc.stderr[-3000:]}"
 
 
