@@ -104,7 +104,8 @@ def _print_results(cfg: Config, results: list[StageResult]) -> None:
     report.print_rows(["stage", "done", "failed", "note"],
                       [[r.stage, r.done, r.failed, r.note] for r in results])
     meta = catalog.meta(catalog.connect(cfg.data_dir))
-    print(f"models: CLIP {meta['clip_model']}, captioner {meta['captioner']}")
+    ocr = f", OCR {meta['ocr']}" if meta.get("ocr") else ""
+    print(f"models: CLIP {meta['clip_model']}, captioner {meta['captioner']}{ocr}")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

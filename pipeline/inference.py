@@ -300,6 +300,34 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
             results[h].done += len(landed) - failed
             results[h].failed += failed
 
+        def step(h: int, indices: list[int], part: torch.Tensor | None) -> None:
+            """Launch head `h` on `part` (the images at `indices`; None: nothing), then collect
+            the batch before: done, or finishing while this one is queued."""
+            previous = in_flight[h]
+            in_flight[h] = (indices, calls[h](part)) if part is not None else None  # raises: it stays
+            if previous is not None:
+                land(h, *previous)
+
+        left: set[int] = set()  # heads whose model failed as a whole: out of the pass
+
+        def guarded(h: int, indices: list[int], part: torch.Tensor | None) -> None:
+            """`step`; a model after the pass's first that fails as a whole (not one image's
+            failure: those are its rows) leaves the pass with what it finished. The others go
+            on, and its own stage runs it alone later, where its failure is reported as its own."""
+            try:
+                step(h, indices, part)
+            except Exception as e:
+                if h == 0:
+                    raise
+                if in_flight[h] is not None:
+                    with contextlib.suppress(Exception):
+                        land(h, *in_flight[h])
+                in_flight[h] = None
+                left.add(h)
+                results[h].details["left_pass"] = f"{type(e).__name__}: {e}"
+                log.error("%s %s: %s: %s; the pass goes on without it, and the %s stage runs it again on its own",
+                          heads[h].stage, account, type(e).__name__, e, heads[h].stage)
+
         def write(h: int) -> None:
             tables.write_part(data_dir, heads[h].table, heads[h].model_id, rows[h])
             rows[h].clear()
@@ -313,16 +341,13 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
                         for result in results:
                             result.details["first_batch_s"] = time.perf_counter() - started
                     for h in range(len(heads)):
-                        previous = in_flight[h]
+                        if h in left:
+                            continue
                         mine = [k for k, i in enumerate(indices) if h in needs[i]]
-                        if batch is not None and mine:  # if the call raises, `previous` stays in flight
-                            inputs = batch[view[h]] if isinstance(batch, tuple) else batch
-                            part = inputs if len(mine) == len(indices) else inputs[mine]
-                            in_flight[h] = ([indices[k] for k in mine], calls[h](part))
-                        else:
-                            in_flight[h] = None
-                        if previous is not None:
-                            land(h, *previous)  # the batch before: done, or finishing while this one is queued
+                        inputs = batch[view[h]] if isinstance(batch, tuple) else batch
+                        part = None if batch is None or not mine else inputs if len(mine) == len(indices) \
+                            else inputs[mine]
+                        guarded(h, [indices[k] for k in mine], part)
                     for i, error in failures:
                         for h in needs[i]:
                             log.warning("%s %s: %s", heads[h].stage, shas[i], error)
@@ -336,9 +361,8 @@ def run_heads(data_dir: Path, account: str, heads: list[Head], preprocess: Calla
                         if len(rows[h]) >= head.part_rows:
                             write(h)
                 for h in range(len(heads)):
-                    last, in_flight[h] = in_flight[h], None
-                    if last is not None:
-                        land(h, *last)
+                    if h not in left:
+                        guarded(h, [], None)  # the last batch in flight
         except BaseException:
             # keep what is finished, the batches in flight included, so a rerun does only the
             # rest; the error being raised is the one to report, not a failure to keep them

@@ -63,7 +63,7 @@ def test_demo_ingests_searches_and_writes_a_results_page(prefect_harness, tmp_pa
     assert {name.split(".")[0] for name in loggers} <= {"clipgram"}, err
     assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
     # model auto says which model it took
-    assert re.search(r"models: CLIP clipgram-tiny-clip@ckpt-\w+, captioner clipgram-tiny-coca@ckpt-\w+", out)
+    assert re.search(r"models: CLIP clipgram-tiny-clip@ckpt-\w+, captioner clipgram-tiny-coca@ckpt-\w+, OCR PP-OCRv4@", out)
     assert "Text → image (CLIP)" in out and "Hybrid, CLIP + BM25" in out
     assert "Caption full-text (BM25)" in out and "top hashtags" in out
     # the poster whose words are only in its picture, found by them: the first hit of its section

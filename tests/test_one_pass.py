@@ -115,3 +115,23 @@ def test_three_models_with_different_inputs_share_one_decode(stored, decodes):
         f"SELECT sha256, text, lines, error FROM ({tables.scan_sql(tables.OCR, cfg.data_dir, str(cfg.data_dir), reader.id)}) "
         "ORDER BY sha256").fetchall() for cfg in (together, apart)]
     assert read[0] == read[1] and len(read[0]) == 10
+
+
+def test_a_model_that_fails_as_a_whole_leaves_the_pass_and_its_own_stage_reports_it(stored, monkeypatch):
+    """A captioner that fails on every image (a broken install, a lost device): the pass still
+    embeds every image; the captions stay pending, and the caption stage, run on its own,
+    fails with that model's error, where the ledger and status put it."""
+    cfg = _with_captions(stored["together"])
+    model = captioner.from_config(cfg.models, cfg.caption)
+
+    def broken(batch):
+        raise RuntimeError("the model's weights are corrupt")
+    monkeypatch.setattr(model, "caption", broken)
+    result = embed(cfg.data_dir, "a", cfg, captions=model)
+    assert (result.done, result.failed, result.details["captioned"]) == (9, 1, 0)
+    assert "caption left the pass" in result.note
+    assert len(_rows(cfg, tables.EMBEDDINGS, clip.from_config(cfg.models).id)) == 10
+    (only,) = _rows(cfg, tables.CAPTIONS, model.id)  # the file that does not decode: its failed row
+    assert only[1] is None and "truncated" in only[2]
+    with pytest.raises(RuntimeError, match="the captioner is at fault"):
+        caption(cfg.data_dir, "a", cfg, model)

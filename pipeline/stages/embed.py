@@ -46,10 +46,16 @@ def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder |
     heads = [head(encoder, cfg)]
     others = []
     if with_captions(cfg):
-        others.append(("caption", captions or captioner.from_config(cfg.models, cfg.caption), caption.head))
+        others.append(("caption", lambda: captions or captioner.from_config(cfg.models, cfg.caption), caption.head))
     if with_ocr(cfg):
-        others.append(("ocr", reader or ocr_model.from_config(cfg.ocr), ocr.head))
-    for stage, model, model_head in others:
+        others.append(("ocr", lambda: reader or ocr_model.from_config(cfg.ocr), ocr.head))
+    for stage, load, model_head in others:
+        try:
+            model = load()
+        except Exception as e:  # its own stage loads it again, and reports the failure as its own
+            log.error("embed: the %s model does not load (%s: %s); the %s stage tries again on its own",
+                      stage, type(e).__name__, e, stage)
+            continue
         if model.device == encoder.device:
             heads.append(model_head(model, cfg))
         else:  # a model on another device would wait for this one's batches, or make it wait
@@ -60,8 +66,9 @@ def embed(data_dir: Path, account: str, cfg: Config, encoder: clip.ClipEncoder |
     done = {"caption": "captioned", "ocr": "read for text"}
     for result in results[1:]:  # the caption and ocr stages will find these done
         results[0].details[done[result.stage]] = result.done
-        results[0].note = f"{result.done} {done[result.stage]} too, {results[0].note}"
-    return [result.log() for result in results][0]
+        left = f" ({result.stage} left the pass: its stage reads the rest)" if "left_pass" in result.details else ""
+        results[0].note = f"{result.done} {done[result.stage]} too{left}, {results[0].note}"
+    return results[0].log()  # one line: the others' counts are in it, and their stages' own lines follow
 
 
 def with_captions(cfg: Config) -> bool:
