@@ -329,7 +329,7 @@ def bench_ocr(data_dir: Path, count: int, num_workers: int | None) -> dict[str, 
     model_load_s = time.perf_counter() - start
     model_id = reader.id
     media = _account_of(data_dir, "bench-ocr", count)
-    batch = torch.stack([reader.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
+    batch = loader.stack([reader.preprocess(images.load_rgb(data_dir / row["path"])) for row in media])
     reader.read(batch[:1])  # warm-up
     cfg = load_config(overrides={"data": {"dir": str(data_dir)}, "decode": {"workers": num_workers}}, environ={})
 

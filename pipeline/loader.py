@@ -327,17 +327,25 @@ class _Batch:
         return self
 
 
-def _stack(decoded: list[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+def stack(decoded: list[torch.Tensor | tuple[torch.Tensor, ...]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One batch of a model's inputs (one per model, for tuples). Inputs of their own sizes
+    (OCR's) are zero-padded at the bottom and right to the batch's largest."""
     if isinstance(decoded[0], tuple):  # several models' inputs: one stack each
-        return tuple(torch.stack(inputs) for inputs in zip(*decoded))
-    return torch.stack(decoded)
+        return tuple(stack(list(inputs)) for inputs in zip(*decoded))
+    if len({t.shape for t in decoded}) == 1:
+        return torch.stack(decoded)
+    height, width = max(t.shape[-2] for t in decoded), max(t.shape[-1] for t in decoded)
+    out = decoded[0].new_zeros((len(decoded), *decoded[0].shape[:-2], height, width))
+    for i, t in enumerate(decoded):
+        out[i, ..., :t.shape[-2], :t.shape[-1]] = t
+    return out
 
 
 def _collate(items: list) -> _Batch:
     ready = [(i, t) for i, t, err, _ in items if err is None and (isinstance(t, tuple) or t.dim() > 1)]
     raw = [(i, t) for i, t, err, _ in items if err is None and not isinstance(t, tuple) and t.dim() == 1]
     return _Batch(
-        [i for i, _ in ready], _stack([t for _, t in ready]) if ready else None,
+        [i for i, _ in ready], stack([t for _, t in ready]) if ready else None,
         [i for i, _ in raw], torch.cat([t for _, t in raw]) if raw else None,
         torch.tensor([len(t) for _, t in raw], dtype=torch.long).cumsum(0).tolist(),
         [(i, err) for i, _, err, _ in items if err is not None],

@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -117,9 +118,9 @@ def test_workers_decode_fewer_batches_ahead_when_batches_are_large(workers, batc
 def test_other_models_inputs_come_from_the_same_decode_through_workers(preprocess, sample_paths):
     """With `also`, each item is every model's input made from one decode, stacked per model,
     across worker processes; the device decoder (one model's crops only) stays out."""
-    from clipgram.models.ocr import Square
+    from clipgram.models.ocr import Masked
 
-    square = Square(96)
+    square = Masked(96)
     settings = loader.LoaderSettings(batch_size=3, workers=1, gpu_decode=True)
     files = loader.dataset(sample_paths[:5], preprocess, settings, also=[square])
     assert files.split is None
@@ -131,3 +132,21 @@ def test_other_models_inputs_come_from_the_same_decode_through_workers(preproces
             assert torch.equal(crops[k], preprocess(image)) and torch.equal(squares[k], square(image))
         seen += indices
     assert sorted(seen) == list(range(5))
+
+
+def test_inputs_of_their_own_sizes_are_padded_to_their_batch_and_cropped_back():
+    """OCR's inputs keep their images' sizes (within max_side): a batch pads them to its
+    largest, and the reader crops each back to exactly its own pixels."""
+    from clipgram.models.ocr import Masked, unmask
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(30, 50), (40, 20)]]
+    masked = Masked(45)  # the 50 px wide one is scaled to 45 × 27; the other is within it
+    inputs = [masked(picture) for picture in pictures]
+    assert [tuple(t.shape) for t in inputs] == [(4, 27, 45), (4, 40, 20)]
+    batch = loader.stack(inputs)
+    assert batch.shape == (2, 4, 40, 45)
+    for item, own in zip(batch, inputs):
+        assert np.array_equal(unmask(item), unmask(own))
+    assert np.array_equal(unmask(batch[1])[:, :, ::-1], np.asarray(pictures[1]))  # BGR for the engine
+    assert loader.stack([inputs[0], inputs[0]]).shape == (2, 4, 27, 45)  # one size: no padding

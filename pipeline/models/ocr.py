@@ -5,9 +5,11 @@ fetched from a hub (`pip install 'clipgram[ocr]'`). PP-OCRv4's Chinese model rea
 and English (chosen over tesseract by measurement: `python -m bench.ocr`, README "Text in
 images"). The engine reads one image at a time on the CPU; the stage's loader decodes ahead.
 
-Images reach the engine as batches of one fixed shape (the loader stacks them): each is
-scaled to fit `max_side` and placed at the top left of a square, with a fourth channel
-marking where the image is, so the reader crops each back to its own size.
+Images reach the engine as batches (the loader stacks them): each is scaled to fit `max_side`,
+with a fourth channel marking where the image is; a batch of images of different sizes is
+padded to its largest (loader.stack), and the reader crops each back to its own size. No
+image is padded further than its batch needs: an Instagram batch of 1080 px squares is sent
+as it is, not inside a max_side square.
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ class Line:
 
 
 @dataclass(frozen=True)
-class Square:
-    """The preprocess: a PIL image → uint8 (4, side, side), RGB and a mask of where the image is
-    (a class, not a closure: decode workers receive it pickled)."""
+class Masked:
+    """The preprocess: a PIL image → uint8 (4, height, width) within `side`: RGB, and a mask of
+    where the image is once its batch pads it (a class, not a closure: decode workers receive
+    it pickled)."""
 
     side: int
 
@@ -83,14 +86,15 @@ class Square:
         if scale < 1.0:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.BILINEAR)
-        out = torch.zeros((4, self.side, self.side), dtype=torch.uint8)
-        out[:3, :image.height, :image.width] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        out[3, :image.height, :image.width] = 255
+        out = torch.empty((4, image.height, image.width), dtype=torch.uint8)
+        out[:3] = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        out[3] = 255
         return out
 
 
-def unsquare(item: torch.Tensor) -> np.ndarray:
-    """One preprocessed image → the engine's input: HWC uint8, BGR (OpenCV's order), its own size."""
+def unmask(item: torch.Tensor) -> np.ndarray:
+    """One preprocessed image, padded in its batch or not → the engine's input: HWC uint8, BGR
+    (OpenCV's order), its own size."""
     mask = item[3]
     height = int(mask[:, 0].count_nonzero())
     width = int(mask[0].count_nonzero())
@@ -103,7 +107,7 @@ class OcrReader:
         self.languages = list(LANGUAGES)
         self.min_confidence = settings.min_confidence
         self.device = torch.device("cpu")  # onnxruntime's CPU provider: no GPU wheel here
-        self.preprocess = Square(settings.max_side)
+        self.preprocess = Masked(settings.max_side)
         from rapidocr_onnxruntime import RapidOCR
 
         threads = settings.threads or -1
@@ -122,7 +126,7 @@ class OcrReader:
 
     def read_image(self, item: torch.Tensor) -> dict[str, Any]:
         """The OCR table's row of one image from `preprocess`."""
-        return row(self.read_one(unsquare(item.cpu())), self.languages)
+        return row(self.read_one(unmask(item.cpu())), self.languages)
 
     def read(self, batch: torch.Tensor) -> list[dict[str, Any]]:
         """One row per image of a batch from `preprocess`."""
