@@ -63,6 +63,11 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_on(owner: object, name: str, nth: int, **options) -> None:
+    """SIGKILL the process the `nth` time `owner.name` is called (see stop_on)."""
+    stop_on(owner, name, nth, _kill, **options)
+
+
 def _pause(where: Path):
     def wait() -> None:
         where.touch()
