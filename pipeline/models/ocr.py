@@ -87,7 +87,7 @@ class Masked:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.BILINEAR)
         out = torch.empty((4, image.height, image.width), dtype=torch.uint8)
-        out[:3] = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        out[:3] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # PIL's own: read-only
         out[3] = 255
         return out
 
