@@ -527,12 +527,27 @@ def judged(con: duckdb.DuckDBPyConnection, data_dir: Path, index: VectorIndex, t
                                            f"{one_of(missing)}").fetchall())}
     vectors = index.vectors([rows[h.media_id] for h in hits])
     query_words = sum(len(relevance.words(t.value)) for t in terms if t.weight > 0)
+    legible = _words_in_picture(con, hits, terms)
     for hit, match in zip(hits, cutoff.judge(query_words, vectors, vectors @ vector)):
-        hit.match = bool(match)
+        hit.match = bool(match) or hit.media_id in legible
     ordered = sorted(hits, key=lambda h: not h.match)  # stable: each group keeps its order
     for rank, hit in enumerate(ordered, start=1):
         hit.rank = rank
     return ordered
+
+
+_TEXT_WORD = re.compile(r"[^\W_]+")
+
+
+def _words_in_picture(con: duckdb.DuckDBPyConnection, hits: list[Hit], terms: list[Term]) -> set[str]:
+    """The hits whose pictures hold every word of the query, as OCR read them (a poster's
+    "Harbour Hall"): they match whatever CLIP makes of the pixels."""
+    wanted = {w for t in terms if t.weight > 0 for w in _TEXT_WORD.findall(t.value.casefold())}
+    if not wanted:
+        return set()
+    found = con.execute(f"SELECT i.media_id, o.words FROM images i JOIN ocr o USING (sha256) "
+                        f"WHERE i.media_id IN {one_of([h.media_id for h in hits])}").fetchall()
+    return {media_id for media_id, words in found if wanted <= set(_TEXT_WORD.findall((words or "").casefold()))}
 
 
 def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.ClipEncoder,

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from clipgram import catalog, search, synthetic, tables
+from clipgram.models import clip
 from clipgram.models import ocr as ocr_model
 from tests.realdata import sample_dir
 
@@ -101,8 +102,15 @@ def test_stage_in_the_dag_sql_and_search(prefect_harness, make_config, tmp_path)
     assert top and top[0].shortcode == con.execute(
         "SELECT shortcode FROM images WHERE post_caption = 'p2.png'").fetchone()[0]
     top = search.caption_search(con, cfg.data_dir, "jazz", k=3)  # read as JAZZNIGHT, split for search
-    assert [r.shortcode for r in top] == [con.execute(
-        "SELECT shortcode FROM images WHERE post_caption = 'p1.png'").fetchone()[0]]
+    poster = con.execute("SELECT shortcode FROM images WHERE post_caption = 'p1.png'").fetchone()[0]
+    assert [r.shortcode for r in top] == [poster]
+    # words in the picture make it a match, whatever CLIP makes of the pixels; words it lacks do not
+    _, hits = search.search(con, cfg.data_dir, [search.Term("text", "jazz night")], 5, "hybrid",
+                            encoder=clip.from_config(cfg.models))
+    assert [h.shortcode for h in hits if h.match][:1] == [poster]
+    _, hits = search.search(con, cfg.data_dir, [search.Term("text", "jazz breakfast")], 5, "hybrid",
+                            encoder=clip.from_config(cfg.models))
+    assert poster not in [h.shortcode for h in hits if h.match]
     stage_rows = {r["stage"]: r for r in _status(cfg)}
     assert (stage_rows["ocr"]["done"], stage_rows["ocr"]["pending"]) == (5, 0)
     _app_and_cli_filter_by_text(cfg, texts)
