@@ -221,6 +221,9 @@ async function exploreView() {
   show("explore-view");
   const [state, clusters, duplicates] = await Promise.all(
     ["/api/status", "/api/clusters", "/api/duplicates"].map((p) => api(p).catch((e) => ({ error: e.message }))));
+  $("#stages-note").textContent = state.error
+    || ((state.stages || []).length ? "" : "No runs yet: `clipgram ingest ACCOUNT` fills this library.");
+  $("#stages").hidden = !(state.stages || []).length;
   $("#stages tbody").replaceChildren(...(state.stages || []).map((r) => el("tr", {},
     ...[r.account, r.stage, r.done, r.pending, r.failed, r.last_run || "", r.last_error || ""]
       .map((v) => el("td", { textContent: String(v) })))));
