@@ -4,6 +4,7 @@ changes nothing, and the tables end with the rows of one run. Real `clipgram ing
 processes (tests/crash_driver.py holds the first at the moment chosen)."""
 
 import subprocess
+import time
 
 import crash_driver
 from snapshots import assert_same, snapshot
@@ -33,9 +34,11 @@ def _refused(proc: subprocess.Popen, holder: int | None = None, said: str | None
     assert "this run changes nothing" in said[0]
 
 
-def _wait_for(path, proc: subprocess.Popen) -> None:
+def _wait_for(path, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"the run did not reach {path.name} in {timeout_s:.0f} s"
         try:
             proc.wait(0.05)
         except subprocess.TimeoutExpired:
@@ -64,13 +67,17 @@ def test_a_second_ingest_at_any_moment_of_the_first_exits_in_one_line_and_change
     held = tmp_path / "held"
     held.mkdir()
     first = _start(cfg, recorded, "pause", ",".join(MOMENTS), str(held))
-    for moment in MOMENTS:
-        point = held / moment.split(":")[0]
-        _wait_for(point, first)
-        before = sorted(p.relative_to(cfg.data_dir) for p in (cfg.data_dir / "tables").rglob("*"))
-        _refused(_start(cfg, recorded), holder=first.pid)
-        assert sorted(p.relative_to(cfg.data_dir) for p in (cfg.data_dir / "tables").rglob("*")) == before
-        point.with_name(f"{point.name}.go").touch()
-    out, err = first.communicate(timeout=300)
+    try:
+        for moment in MOMENTS:
+            point = held / moment.split(":")[0]
+            _wait_for(point, first)
+            before = sorted(p.relative_to(cfg.data_dir) for p in (cfg.data_dir / "tables").rglob("*"))
+            _refused(_start(cfg, recorded), holder=first.pid)
+            assert sorted(p.relative_to(cfg.data_dir) for p in (cfg.data_dir / "tables").rglob("*")) == before
+            point.with_name(f"{point.name}.go").touch()
+        out, err = first.communicate(timeout=300)
+    finally:  # a failed check leaves no paused run behind, waiting for ever
+        if first.poll() is None:
+            first.kill()
     assert first.returncode == 0, err[-3000:]
     assert_same(snapshot(cfg.data_dir), expected)
