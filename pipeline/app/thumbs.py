@@ -22,7 +22,6 @@ log = logging.getLogger("clipgram.app")
 SIDE = 320  # the longer side: sharp in a grid of a few hundred pixels per cell
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FOLDER = "thumbs"
-QUALITY = 85
 
 
 class NoSuchImage(LookupError):
@@ -50,19 +49,19 @@ def thumbnail(data_dir: Path, con: duckdb.DuckDBPyConnection, sha256: str) -> Pa
         return cached
     img = images.load_rgb(stored(data_dir, con, sha256), min_side=SIDE)  # the decoder ingestion uses
     img.thumbnail((SIDE, SIDE))
+    made = io.BytesIO()
+    img.save(made, "JPEG", quality=85)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # two requests racing both write whole files; either wins
         with storage.replacing(cached, to_store=False) as tmp:  # a cache of this machine's
-            img.save(tmp, "JPEG", quality=QUALITY)
+            tmp.write_bytes(made.getvalue())
         return cached
     except OSError as e:
         if not disk_full(e):
             raise
         _say_disk_full(cached.parent.parent)
-    made = io.BytesIO()
-    img.save(made, "JPEG", quality=QUALITY)
-    return made.getvalue()
+        return made.getvalue()
 
 
 @functools.cache  # once per server: every thumbnail not yet cached meets it
