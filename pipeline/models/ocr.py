@@ -95,10 +95,15 @@ class Masked:
 def unmask(item: torch.Tensor) -> np.ndarray:
     """One preprocessed image, padded in its batch or not → the engine's input: HWC uint8, BGR
     (OpenCV's order), its own size."""
+    import cv2  # the engine's own dependency
+
     mask = item[3]
     height = int(mask[:, 0].count_nonzero())
     width = int(mask[0].count_nonzero())
-    return np.ascontiguousarray(item[:3, :height, :width].permute(1, 2, 0).numpy()[:, :, ::-1])
+    planes = item[:3, :height, :width].numpy()
+    # interleaved by OpenCV in one pass: 0.1 ms for a 1080 px square here, against 3.3 ms for
+    # numpy's copy of a permuted view, in the process (and on the cores) the engine runs in
+    return cv2.merge([planes[2], planes[1], planes[0]])
 
 
 class OcrReader:
