@@ -60,8 +60,9 @@ RECIPES = {
     # every miss a yellow shape taken for an orange one on red, or back; with 3 colour sets a
     # batch (each colour told from the others on one background, by the shape's colour alone): 69;
     # with half of each batch's groups joined by their swap ("yellow on white" by "white on
-    # yellow"): 70, and the yellow squares on white that it took for white squares, never again
-    # (issue 29: a query for a pair the library does not hold then matches nothing)
+    # yellow"): 70, and no yellow square on white among the query bench's 2,000 scenes read as
+    # a white square any more (issue 29: a query for a pair a library does not hold must match
+    # nothing; before, two did)
     TINY_CLIP: Recipe(steps=4000, groups_per_batch=21, lr=2e-3, short_prompts=0.3, unnamed_per_shape=8,
                       on_unnamed_per_pair=3, colour_sets=96, colour_sets_per_batch=3, swap_groups=True),
     # CoCa learns to caption from its training texts: full captions only
