@@ -542,16 +542,14 @@ _TEXT_WORD = re.compile(r"[^\W_]+")
 def _words_in_picture(con: duckdb.DuckDBPyConnection, hits: list[Hit], terms: list[Term]) -> set[str]:
     """The hits whose pictures hold every word of the query, as OCR read them (a poster's
     "Harbour Hall"): they match whatever CLIP makes of the pixels."""
-    from clipgram.models.ocr import search_words  # run-together words split, as documents are
-
     wanted = {w for t in terms if t.weight > 0 for w in _TEXT_WORD.findall(t.value.casefold())}
     if not wanted:
         return set()
-    # `images` (a table of the app's snapshot, indexed by media_id), not a scan of the ocr parts
-    found = con.execute(f"SELECT media_id, ocr_text FROM images WHERE ocr_text <> '' AND media_id IN "
+    # the catalog's `documents` table: the words publish stored once, run-together words split
+    # (ocr.search_words), not the `images` view's Parquet joins nor wordninja at every search
+    found = con.execute(f"SELECT media_id, ocr_text FROM documents WHERE ocr_text <> '' AND media_id IN "
                         f"{one_of([h.media_id for h in hits])}").fetchall()
-    return {media_id for media_id, text in found
-            if wanted <= set(_TEXT_WORD.findall(search_words(text).casefold()))}
+    return {media_id for media_id, words in found if wanted <= set(_TEXT_WORD.findall(words.casefold()))}
 
 
 def text_search(con: duckdb.DuckDBPyConnection, data_dir: Path, encoder: clip.ClipEncoder,
